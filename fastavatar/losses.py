@@ -70,7 +70,7 @@ def load_lpips(net: str = "alex", device="cpu", required: bool = False, quiet: b
     # lpips splits torchvision's `features` Sequential into slices but keeps the layer indices.
     trunk_state = {}
     for name, _ in model.net.named_parameters():
-        _, _, index, kind = name.split(".")  # sliceK.I.weight
+        _, index, kind = name.split(".")  # sliceK.I.weight (named under model.net)
         source = f"features.{index}.{kind}"
         if source not in state:
             raise ValueError(f"{trunk}: not a torchvision {net} checkpoint (missing {source})")
