@@ -57,7 +57,7 @@ def look_at_c2w(eye: torch.Tensor, target: torch.Tensor, up: torch.Tensor) -> to
     """OpenCV c2w [4,4] for a camera at ``eye`` looking at ``target``; ``up`` is world-up."""
     forward = target - eye
     forward = forward / forward.norm()
-    right = torch.linalg.cross(forward, -up)
+    right = torch.linalg.cross(forward, up)
     if right.norm() < 1e-8:  # looking straight along up: pick any perpendicular
         right = torch.linalg.cross(forward, torch.tensor([1.0, 0.0, 0.0], dtype=eye.dtype))
     right = right / right.norm()

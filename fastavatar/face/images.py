@@ -151,7 +151,7 @@ def load_rgb(path: PathLike, max_side: int = DEFAULT_MAX_SIDE) -> LoadedImage:
         factor = max_side / max(width, height)
         new_size = (max(1, int(round(width * factor))), max(1, int(round(height * factor))))
         rgb_image = rgb_image.resize(new_size, Image.Resampling.LANCZOS)
-    rgb = np.ascontiguousarray(np.asarray(rgb_image, dtype=np.uint8))
+    rgb = np.array(rgb_image, dtype=np.uint8, copy=True)  # writable, contiguous
     scale = rgb.shape[1] / float(original_size[0])
     return LoadedImage(rgb=rgb, path=path, original_size=original_size, scale=scale, source_mode=source_mode)
 

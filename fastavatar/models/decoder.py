@@ -24,6 +24,7 @@ Differences from the released code (all compatible with its checkpoints):
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Literal, Mapping, Optional, Union
 
@@ -162,9 +163,10 @@ class GaussianDecoder(nn.Module):
                 else:
                     self.register_buffer(name, value.clone())
             # Never-optimised template copy (released name/order: means, scales, quats, opacities, sh0, shN).
+            # (an OrderedDict: ParameterDict sorts the keys of a plain dict)
             self.splats = nn.ParameterDict(
-                {key: nn.Parameter(tpl[key].clone(), requires_grad=False)
-                 for key in ("means", "scales", "quats", "opacities", "sh0", "shN")}
+                OrderedDict((key, nn.Parameter(tpl[key].clone(), requires_grad=False))
+                            for key in ("means", "scales", "quats", "opacities", "sh0", "shN"))
             )
             self.gaussian_embeddings = nn.Embedding(n, cfg.embedding_dim)
             with torch.no_grad():

@@ -77,8 +77,9 @@ class WEncoder(nn.Module):
                 nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_state_dict(cls, model_dict: Mapping[str, torch.Tensor], dropout: float = 0.2) -> "WEncoder":
-        """Build with sizes read from ``model_dict`` and load it (strict)."""
+    def from_state_dict(cls, model_dict: Mapping[str, torch.Tensor], dropout: float = 0.2,
+                        load: bool = True) -> "WEncoder":
+        """Build with sizes read from ``model_dict`` and (if ``load``) load it strict."""
         lin = sorted(
             (int(k.split(".")[1]), v.shape)
             for k, v in model_dict.items()
@@ -93,7 +94,8 @@ class WEncoder(nn.Module):
             dropout=dropout,
         )
         model = cls(cfg)
-        model.load_state_dict(model_dict, strict=True)
+        if load:
+            model.load_state_dict(model_dict, strict=True)
         return model
 
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
