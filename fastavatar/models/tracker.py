@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Literal, Mapping, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -255,12 +256,16 @@ def preprocess_for_tracker(
     """Photo -> tracker input [3,size,size], ImageNet-normalised.
 
     Args:
-        image: HxWx3 uint8 (0..255) or float (0..1) array / tensor, RGB.
+        image: HxWx3 uint8 (0..255) or float (0..1) array / tensor, RGB, or a PIL image.
         mode: ``"squash"`` resizes the whole image to size x size ignoring the aspect ratio
             (released behaviour, matches the released weights); ``"pad"`` first letterboxes
             onto a white square (aspect preserved).
     """
-    x = torch.as_tensor(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL image
+        image = image.convert("RGB")
+    if not isinstance(image, torch.Tensor):
+        image = torch.from_numpy(np.array(image))  # copy: works for read-only arrays too
+    x = image
     if x.dim() != 3 or x.shape[-1] not in (3, 4):
         raise ValueError(f"expected an HxWx3 image, got shape {tuple(x.shape)}")
     x = x[..., :3]

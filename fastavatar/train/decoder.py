@@ -201,10 +201,10 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
         with torch.no_grad():
             model.w_vectors.copy_(state["w_vectors"].to(device))
         for k, o in optimizers.items():
-            if k in state.get("optimizer_states", {}):
+            if k in (state.get("optimizer_states") or {}):
                 o.load_state_dict(state["optimizer_states"][k])
         for k, s in schedulers.items():
-            if k in state.get("extra", {}).get("scheduler_states", {}):
+            if k in ((state.get("extra") or {}).get("scheduler_states") or {}):
                 s.load_state_dict(state["extra"]["scheduler_states"][k])
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
         if is_main:
