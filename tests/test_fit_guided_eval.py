@@ -1,0 +1,148 @@
+"""Template building, test-time fitting, guided inference and the evaluation script, on tiny settings."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastavatar.checkpoints import save_decoder_checkpoint
+from fastavatar.data import SubjectParser
+from fastavatar.evaluate import evaluate_reconstruction
+from fastavatar.fit import FitConfig, fit_to_views, mean_w
+from fastavatar.guided import GuidedConfig, run_guided
+from fastavatar.models.decoder import DecoderConfig, GaussianDecoder
+from fastavatar.ply import load_ply, save_ply
+from fastavatar.template import TemplateFitConfig, average_splats, fit_subject, initial_splats, knn_mean_distance
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def parser306(data_root):
+    return SubjectParser(data_root / "306", image_scale=0.125)
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder_ckpt(tmp_path_factory, parser306):
+    decoder = GaussianDecoder(initial_splats(parser306), DecoderConfig(hidden_dim=32, body_layers=2, init="zero_out"))
+    with torch.no_grad():  # a "trained" decoder: output layers no longer zero, so W gets gradients
+        gen = torch.Generator().manual_seed(1)
+        for head in decoder.conditioning_mlp.heads().values():
+            head[-1].weight.copy_(torch.randn(head[-1].weight.shape, generator=gen) * 0.01)
+    w = torch.randn(2, 512, generator=torch.Generator().manual_seed(0)) * 0.1
+    path = tmp_path_factory.mktemp("ckpt") / "decoder.pth"
+    save_decoder_checkpoint(path, decoder, w, {"306": 0, "369": 1}, epoch=1, global_step=1, config={})
+    return path
+
+
+def test_knn_distance_matches_brute_force():
+    pts = torch.randn(50, 3)
+    d = torch.cdist(pts, pts) + torch.eye(50) * 1e9
+    ref = d.topk(3, largest=False).values.mean(1)
+    assert torch.allclose(knn_mean_distance(pts, chunk=7), ref, atol=1e-6)
+
+
+def test_initial_splats_take_colours_from_images(parser306):
+    splats = initial_splats(parser306)
+    assert splats["means"].shape == (10144, 3) and torch.equal(splats["means"], parser306.points)
+    rgb = splats["sh0"][:, 0] * 0.28209479177387814 + 0.5
+    assert rgb.std() > 0.05  # not a flat grey: the face has varied colours
+    assert (rgb.mean() < 0.95)  # and not the white background
+
+
+def test_template_fit_lowers_loss_and_average_is_consistent(parser306):
+    from fastavatar.losses import l1_loss
+    from fastavatar.render import render_splats
+
+    cfg = TemplateFitConfig(iterations=25, views_per_step=2, backend="torch")
+    init = initial_splats(parser306)
+    fitted = fit_subject(parser306, cfg, show_progress=False)
+    target = parser306.load_image(5)[None]
+
+    def err(s):
+        return float(l1_loss(render_splats(s, parser306.c2w[5], parser306.Ks[5], parser306.width, parser306.height,
+                                           backend="torch").rgb, target))
+
+    assert err(fitted) < err(init)
+    assert torch.equal(fitted["means"], init["means"])  # positions stay on the triangles
+    avg = average_splats([fitted, init])
+    assert torch.allclose(avg["scales"], (fitted["scales"] + init["scales"]) / 2)
+    assert torch.allclose(avg["quats"].norm(dim=1), torch.ones(10144), atol=1e-5)
+    flipped = {**fitted, "quats": -fitted["quats"]}
+    assert torch.allclose(average_splats([fitted, flipped])["quats"], average_splats([fitted])["quats"], atol=1e-6)
+
+
+def test_fit_to_one_view_improves_it_and_keeps_decoder_untouched(tiny_decoder_ckpt, parser306):
+    from fastavatar.checkpoints import load_decoder
+
+    decoder, w_vectors, _ = load_decoder(tiny_decoder_ckpt)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    view = 8
+    image = parser306.load_image(view)[None]
+    cfg = FitConfig(w_steps=8, mlp_steps=8, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0, scale_reg=0.01, backend="torch")
+    result = fit_to_views(decoder, mean_w(w_vectors), parser306.points, image, parser306.c2w[view:view + 1],
+                          parser306.Ks[view:view + 1], parser306.width, parser306.height, cfg, show_progress=False)
+    assert len(result.losses) == 16 and result.losses[-1] < result.losses[0]
+    assert not torch.equal(result.w, mean_w(w_vectors))
+    assert set(result.seconds) == {"w", "mlp"}
+    for k, v in decoder.state_dict().items():
+        assert torch.equal(v, before[k]), f"caller's decoder changed: {k}"
+    # the final splats come from the final parameters: their loss on the input view is below the
+    # loss of the last step (taken before the last update) and the initial splats' loss
+    from fastavatar.losses import photometric_loss
+    from fastavatar.render import render_splats
+
+    def loss_of(s):
+        rgb = render_splats(s, parser306.c2w[view], parser306.Ks[view], parser306.width, parser306.height,
+                            backend="torch").rgb
+        return float(photometric_loss(rgb, image, 0.6, 0.3, 0.0)["total"])
+
+    assert loss_of(result.splats) < loss_of(result.initial_splats)
+    assert loss_of(result.splats) <= result.losses[-1] + 1e-4
+
+
+def test_guided_run_writes_all_outputs(tmp_path, tiny_decoder_ckpt, data_root):
+    cfg = GuidedConfig(data_root=str(data_root), sample_id="306", decoder_checkpoint=str(tiny_decoder_ckpt),
+                       encoder_checkpoint=str(tmp_path / "absent.pth"), max_epochs=5, w_lr=1e-2, mlp_lr=1e-3,
+                       lpips_weight=0.0, input_views=["0", "8"], image_scale=0.125, output_dir=str(tmp_path / "g"),
+                       device="cpu", backend="torch")
+    summary = run_guided(cfg, show_progress=False)
+    assert [r["input_views"] for r in summary["runs"]] == [["00000_00.png"], ["00000_08.png"]]
+    assert all(r["w_init"].startswith("mean_w (no encoder checkpoint") for r in summary["runs"])
+    run = tmp_path / "g" / "sample_306" / "input08"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["initial"]) == {"input", "unseen"} and metrics["final"]["unseen"]["psnr"] > 5
+    assert set(metrics["seconds"]) >= {"w_phase", "mlp_phase", "refine_total"}
+    assert load_ply(run / "final" / "splats.ply")["means"].shape == (10144, 3)
+    assert len(list((run / "final" / "side_by_side").iterdir())) == 16
+    assert len(json.loads((run / "final" / "per_view.json").read_text())) == 16
+    assert (tmp_path / "g" / "summary.json").is_file() and (tmp_path / "g" / "config.yaml").is_file()
+
+
+def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_root, parser306):
+    save_ply(tmp_path / "s.ply", initial_splats(parser306))
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--splats", str(tmp_path / "s.ply"),
+                          "--data_root", str(data_root), "--sample_id", "306", "--seen_views", "8", "--image_scale",
+                          "0.125", "--output_dir", str(tmp_path / "ev"), "--device", "cpu", "--backend", "torch"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert results["seen_views"] == ["00000_08.png"] and results["unseen"]["psnr"] > 10
+    per_view = json.loads((tmp_path / "ev" / "per_view.json").read_text())
+    assert sum(v["seen"] for v in per_view) == 1 and len(per_view) == 16
+    assert (tmp_path / "ev" / "side_by_side" / "00000_03.png").is_file()
+
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--protocol", "--subjects", "128", "306",
+                          "--data_root", str(data_root), "--decoder_checkpoint", str(tiny_decoder_ckpt),
+                          "--encoder_checkpoint", str(tmp_path / "none.pth"), "--max_epochs", "3", "--image_scale",
+                          "0.125", "--output_dir", str(tmp_path / "proto"), "--device", "cpu", "--backend", "torch",
+                          "--lpips_weight", "0", "--no-save_images"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = json.loads((tmp_path / "proto" / "table.json").read_text())
+    assert [r["subject"] for r in table["subjects"]] == ["128", "306"]
+    assert set(table["overall"]) == {"template", "feed_forward", "full"}
+    assert "| **mean** |" in (tmp_path / "proto" / "table.md").read_text()
