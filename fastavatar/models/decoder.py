@@ -114,7 +114,21 @@ class Hypernet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """x [..., w_dim + emb_dim] -> dict of raw head outputs with the same leading dims."""
-        f = self.shared_body(x)
+        return self._heads_forward(self.shared_body(x))
+
+    def forward_conditioned(self, w: torch.Tensor, emb: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Same as ``forward(cat([w expanded, emb]))`` for w [B, w_dim] and emb [n, E] -> [B, n, ...],
+        without building the [B, n, w_dim + E] input: the first layer's W part is one [B, hidden]
+        product shared by every Gaussian (saves ~15% of the decoder's FLOPs and its largest buffer)."""
+        first = self.shared_body[0]
+        w_dim = w.shape[-1]
+        w_part = w @ first.weight[:, :w_dim].T + first.bias  # [B, hidden]
+        e_part = emb @ first.weight[:, w_dim:].T  # [n, hidden]
+        f = torch.relu(e_part[None] + w_part[:, None])  # [B, n, hidden]
+        f = self.shared_body[2:](f)
+        return self._heads_forward(f)
+
+    def _heads_forward(self, f: torch.Tensor) -> Dict[str, torch.Tensor]:
         color = self.color_head(f)
         lead = color.shape[:-1]
         return {
@@ -222,8 +236,7 @@ class GaussianDecoder(nn.Module):
         parts: Dict[str, List[torch.Tensor]] = {}
         for s in range(0, n, step):
             e = emb[s : s + step]  # [n, E]
-            x = torch.cat([w[:, None, :].expand(b, e.shape[0], -1), e[None].expand(b, -1, -1)], dim=-1)
-            for key, value in self.conditioning_mlp(x).items():  # [B, n, ...]
+            for key, value in self.conditioning_mlp.forward_conditioned(w, e).items():  # [B, n, ...]
                 parts.setdefault(key, []).append(value)
         raw = {key: torch.cat(vals, dim=1) for key, vals in parts.items()}
         means_delta = torch.tanh(raw["means"]) * self.config.means_delta_scale
