@@ -55,3 +55,16 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]  # no temp file left behind
     atomic_write_json(tmp_path / "x.json", {"v": 1})
     assert (tmp_path / "x.json").read_text().strip().startswith("{")
+
+
+def test_bundled_yaml_configs_load_into_their_dataclasses(repo_root):
+    from fastavatar.config import load_yaml
+    from fastavatar.demo import DemoConfig
+    from fastavatar.guided import GuidedConfig
+    from fastavatar.train.decoder import DecoderTrainConfig
+
+    for name, cls in {"decoder.yaml": DecoderTrainConfig, "decoder_cpu_small.yaml": DecoderTrainConfig,
+                      "demo.yaml": DemoConfig, "guided.yaml": GuidedConfig}.items():
+        cfg = config_from_dict(cls, load_yaml(repo_root / "configs" / name), source=name)
+        assert isinstance(cfg, cls)
+    assert config_from_dict(DecoderTrainConfig, load_yaml(repo_root / "configs" / "decoder.yaml")).mlp_lr == 1e-4
