@@ -94,7 +94,11 @@ def subject_points(cfg: GuidedConfig, parser: SubjectParser) -> torch.Tensor:
 
     if parser.flame_param_path is None:
         raise FileNotFoundError(f"{parser.subject_dir}: no flame_param/*.npz for points_from=flame")
-    return points_from_flame_file(cfg.flame_model, parser.flame_param_path)
+    # teeth triangles missing from a plain FLAME file fall back to points3D (and the run says so)
+    points = points_from_flame_file(cfg.flame_model or None, parser.flame_param_path, fallback_points=parser.points)
+    error = float((points - parser.points).norm(dim=1).max())
+    print(f"[guided] points from FLAME ({cfg.flame_model or 'default location'}): max distance to points3D {error:.2e} m")
+    return points
 
 
 def resolve_input_views(spec: List[str], parser: SubjectParser) -> List[int]:

@@ -22,7 +22,6 @@ Differences from the original, on purpose:
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ import numpy as np
 from fastavatar.face.images import DEFAULT_MAX_SIDE, ImageError, LoadedImage, load_rgb
 
 PathLike = Union[str, os.PathLike]
-logger = logging.getLogger(__name__)
 
 DETECTOR_FILE = "det_10g.onnx"
 RECOGNIZER_FILE = "w600k_r50.onnx"

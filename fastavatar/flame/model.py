@@ -7,6 +7,8 @@ Conventions (owned here):
   ``translation`` [B,3] (added after skinning), ``shape`` [B,S], ``expr`` [B,E],
   ``static_offset`` [B,V,3] (per-vertex offset added to the template; VHAP writes 5143 rows =
   5023 FLAME vertices + 120 teeth vertices, extra rows are ignored for a teeth-less model).
+  The offset is added before joint regression, so joints follow it (as VHAP's forward does, to
+  our reading of the spec; checked indirectly by :mod:`fastavatar.flame.points` on real data).
 - Pose correctives use the SMPL/FLAME feature ``(R_j - I)`` flattened row-major for the non-root
   joints j = 1..J-1 (36 values for FLAME), times ``posedirs`` [36, V*3].
 - Units: metres; the model's own frame (VHAP world frame once tracked parameters are applied).
@@ -211,7 +213,7 @@ def load_flame_model(path: Union[str, Path, None] = None, *, num_shape: int = 30
     and expression (the rest); FLAME 2020/2023 use 300 + 100.
     Raises :class:`FlameModelMissing` with a one-line message when the file is absent.
     """
-    path = Path(path) if path is not None else DEFAULT_FLAME_PATH
+    path = Path(path) if path not in (None, "") else DEFAULT_FLAME_PATH
     if not path.is_file():
         raise FlameModelMissing(
             f"FLAME model not found at {path}: download FLAME 2023 (flame2023.pkl, licence from "
@@ -261,24 +263,20 @@ def lbs_transforms(rot_mats: torch.Tensor, joints: torch.Tensor, parents: torch.
     """Kinematic chain: rotations [B,J,3,3] about rest joints [B,J,3] -> LBS transforms [B,J,4,4].
 
     Transform j maps a rest-pose point to its posed position if fully skinned to joint j:
-    ``A_j = G_j · translate(-J_j)`` with ``G_j`` the world transform of joint j.
-    Parents must precede children (true for FLAME).
+    ``A_j = G_j · translate(-J_j)`` with ``G_j`` the world transform of joint j. Computed as
+    ``A_j = A_parent · [R_j | (I - R_j) J_j]``, which is the same matrix and is exactly the identity
+    for zero pose (no round-off). Parents must precede children (true for FLAME).
     """
     bsz, num_joints = rot_mats.shape[:2]
-    rel = joints.clone()
-    rel[:, 1:] = joints[:, 1:] - joints[:, parents[1:]]
+    eye = torch.eye(3, dtype=rot_mats.dtype, device=rot_mats.device)
     local = torch.zeros(bsz, num_joints, 4, 4, dtype=rot_mats.dtype, device=rot_mats.device)
     local[..., :3, :3] = rot_mats
-    local[..., :3, 3] = rel
+    local[..., :3, 3] = ((eye - rot_mats) @ joints[..., None])[..., 0]
     local[..., 3, 3] = 1.0
     chain = [local[:, 0]]
     for j in range(1, num_joints):
         chain.append(chain[int(parents[j])] @ local[:, j])
-    world = torch.stack(chain, dim=1)  # [B, J, 4, 4]
-    offset = (world[..., :3, :3] @ joints[..., None])[..., 0]
-    transforms = world.clone()
-    transforms[..., :3, 3] = world[..., :3, 3] - offset
-    return transforms
+    return torch.stack(chain, dim=1)
 
 
 def _batch(x: Optional[torch.Tensor], bsz: int, width: int, like: torch.Tensor) -> torch.Tensor:
@@ -294,8 +292,8 @@ def _batch(x: Optional[torch.Tensor], bsz: int, width: int, like: torch.Tensor) 
 def flame_forward(
     model: FlameModel,
     *,
-    shape: Optional[torch.Tensor] = None,  # [B, S'] S' <= S (missing trailing coefficients are 0)
-    expr: Optional[torch.Tensor] = None,  # [B, E'] E' <= E
+    shape: Optional[torch.Tensor] = None,  # [B, S'] (S' < S: missing trailing coefficients are 0; S' > S: extra ignored)
+    expr: Optional[torch.Tensor] = None,  # [B, E'] (same rule against E)
     rotation: Optional[torch.Tensor] = None,  # [B, 3]
     neck_pose: Optional[torch.Tensor] = None,  # [B, 3]
     jaw_pose: Optional[torch.Tensor] = None,  # [B, 3]
@@ -314,10 +312,10 @@ def flame_forward(
 
     shaped = ref.expand(bsz, v, 3).clone()
     if shape is not None:
-        shape = _batch(shape, bsz, model.num_shape, ref)
+        shape = _batch(shape, bsz, model.num_shape, ref)[:, : model.num_shape]
         shaped = shaped + torch.einsum("vck,bk->bvc", model.shapedirs[..., : shape.shape[1]], shape)
     if expr is not None:
-        expr = _batch(expr, bsz, model.num_expr, ref)
+        expr = _batch(expr, bsz, model.num_expr, ref)[:, : model.num_expr]
         shaped = shaped + torch.einsum("vck,bk->bvc", model.exprdirs[..., : expr.shape[1]], expr)
     if static_offset is not None:
         offset = torch.as_tensor(static_offset, dtype=ref.dtype, device=ref.device)
@@ -347,9 +345,13 @@ def flame_forward(
 
 
 def skin_points(points: torch.Tensor, weights: torch.Tensor, transforms: torch.Tensor) -> torch.Tensor:
-    """LBS: points [B,P,3], weights [P,J], transforms [B,J,4,4] -> [B,P,3]."""
-    blended = torch.einsum("pj,bjrc->bprc", weights, transforms[..., :3, :])  # [B, P, 3, 4]
-    return (blended[..., :3] @ points[..., None])[..., 0] + blended[..., 3]
+    """LBS: points [B,P,3], weights [P,J] (rows sum to 1), transforms [B,J,4,4] -> [B,P,3].
+
+    Evaluated as ``x + sum_j w_j (A_j - I) x`` so that identity transforms return ``x`` exactly.
+    """
+    eye = torch.eye(4, dtype=transforms.dtype, device=transforms.device)[:3]
+    blended = torch.einsum("pj,bjrc->bprc", weights, transforms[..., :3, :] - eye)  # [B, P, 3, 4]
+    return points + (blended[..., :3] @ points[..., None])[..., 0] + blended[..., 3]
 
 
 def params_from_npz(path: Union[str, Path], dtype=torch.float64) -> Dict[str, torch.Tensor]:
