@@ -1,0 +1,190 @@
+"""Local web viewer for a splats.ply (viser), with live FLAME controls when a rig is present.
+
+``python scripts/view.py out/splats.ply`` serves http://127.0.0.1:8080 (viser ships its web client,
+nothing is fetched from the internet). The browser does the splat rendering; colours sent to it are
+the view-independent SH DC term (band 0). With a rig (``rig.npz`` beside the PLY or ``--rig``),
+GUI sliders drive the first expression coefficients, jaw opening and head yaw/pitch/roll through
+the blendshape rig (:func:`fastavatar.animate.evaluate_rig`), and the splats update live.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+import torch
+
+from fastavatar.splats import Splats, activate, sh0_to_rgb
+
+
+@dataclass
+class ViewerConfig:
+    """Viewer options."""
+
+    host: str = "127.0.0.1"  # bind address (loopback by default; use 0.0.0.0 to share on a LAN)
+    port: int = 8080  # HTTP/websocket port
+    num_expr_sliders: int = 10  # expression coefficients exposed as sliders
+    expr_range: float = 3.0  # slider range ± for expression coefficients
+    jaw_max: float = 0.6  # radians, jaw slider maximum
+    head_max: float = 0.8  # radians, head yaw/pitch/roll slider range ±
+    start_at_source: bool = False  # sliders act on top of the source frame's pose/expression (else on neutral)
+
+
+def splats_to_viser(splats: Splats) -> Dict[str, np.ndarray]:
+    """Raw splats -> viser arrays: centers [N,3], covariances [N,3,3], rgbs [N,3] (0..1), opacities [N,1]."""
+    from fastavatar.animate.binding import quat_to_matrix
+
+    act = activate({k: v.detach().float().cpu() for k, v in splats.items()})
+    rot = quat_to_matrix(act["quats"])
+    cov = rot @ torch.diag_embed(act["scales"] ** 2) @ rot.transpose(-1, -2)
+    rgb = sh0_to_rgb(splats["sh0"].detach().float().cpu()[:, 0]).clamp(0.0, 1.0)
+    return {
+        "centers": act["means"].numpy().astype(np.float32),
+        "covariances": cov.numpy().astype(np.float32),
+        "rgbs": rgb.numpy().astype(np.float32),
+        "opacities": act["opacities"][:, None].numpy().astype(np.float32),
+    }
+
+
+class SplatViewer:
+    """A viser server showing one Gaussian head; optional rig sliders."""
+
+    def __init__(self, splats: Splats, rig=None, cfg: ViewerConfig = ViewerConfig()):
+        self.cfg = cfg
+        self.splats = splats
+        self.rig = rig.to(torch.float32) if rig is not None else None
+        self.server = None
+        self.handle = None
+        self.sliders: Dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.updates = 0  # number of live re-evaluations (for tests/diagnostics)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "SplatViewer":
+        import viser
+
+        self.server = viser.ViserServer(host=self.cfg.host, port=self.cfg.port, verbose=False)
+        self.server.scene.set_up_direction("+y")  # FLAME/VHAP world: y up, face towards +z
+        centre = self.splats["means"].detach().float().mean(0).cpu().numpy()
+        try:
+            self.server.initial_camera.position = tuple(float(c) for c in centre + np.array([0.0, 0.0, 0.8]))
+            self.server.initial_camera.look_at = tuple(float(c) for c in centre)
+        except AttributeError:  # older viser
+            pass
+        arrays = splats_to_viser(self.splats)
+        self.handle = self.server.scene.add_gaussian_splats("/head", **arrays)
+        self.server.gui.add_markdown(f"**{arrays['centers'].shape[0]} Gaussians**")
+        if self.rig is not None:
+            self._add_rig_gui()
+        return self
+
+    @property
+    def port(self) -> int:
+        return int(self.server.get_port()) if self.server is not None else self.cfg.port
+
+    @property
+    def num_gaussians(self) -> int:
+        """Gaussians currently held by the scene handle."""
+        return int(np.asarray(self.handle.centers).shape[0]) if self.handle is not None else 0
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    # ------------------------------------------------------------------ rig controls
+    def _add_rig_gui(self) -> None:
+        cfg, rig = self.cfg, self.rig
+        gui = self.server.gui
+        source = rig.source if cfg.start_at_source else {}
+        expr0 = source.get("expr", torch.zeros(1, rig.num_expr)).reshape(-1)
+        with gui.add_folder("Expression"):
+            for k in range(min(cfg.num_expr_sliders, rig.num_expr)):
+                init = float(expr0[k]) if k < expr0.numel() else 0.0
+                init = max(-cfg.expr_range, min(cfg.expr_range, init))
+                self.sliders[f"expr{k}"] = gui.add_slider(f"expr {k}", -cfg.expr_range, cfg.expr_range, 0.05, init)
+        with gui.add_folder("Pose"):
+            self.sliders["jaw"] = gui.add_slider("jaw open", 0.0, cfg.jaw_max, 0.01, 0.0)
+            for name in ("yaw", "pitch", "roll"):
+                self.sliders[name] = gui.add_slider(f"head {name}", -cfg.head_max, cfg.head_max, 0.01, 0.0)
+        reset = gui.add_button("Neutral")
+
+        @reset.on_click
+        def _(_event) -> None:
+            for slider in self.sliders.values():
+                slider.value = 0.0
+
+        for slider in self.sliders.values():
+            slider.on_update(lambda _event: self.refresh())
+        self.refresh()
+
+    def slider_params(self) -> Dict[str, torch.Tensor]:
+        """Current slider values as VHAP frame parameters (on top of the source frame if start_at_source)."""
+        rig = self.rig
+        base = {k: v.reshape(1, -1).float().clone() for k, v in rig.source.items()} if self.cfg.start_at_source else {}
+        expr = torch.zeros(1, rig.num_expr)
+        if "expr" in base:
+            width = min(rig.num_expr, base["expr"].shape[1])
+            expr[:, :width] = base["expr"][:, :width]
+        for k in range(min(self.cfg.num_expr_sliders, rig.num_expr)):
+            expr[0, k] = float(self.sliders[f"expr{k}"].value)
+        rotation = torch.tensor([[float(self.sliders["pitch"].value), float(self.sliders["yaw"].value),
+                                  float(self.sliders["roll"].value)]])
+        jaw = torch.tensor([[float(self.sliders["jaw"].value), 0.0, 0.0]])
+        params = dict(base)
+        params["expr"] = expr
+        params["rotation"] = base.get("rotation", torch.zeros(1, 3)) + rotation
+        params["jaw_pose"] = base.get("jaw_pose", torch.zeros(1, 3)) + jaw
+        return params
+
+    def set_params(self, params: Dict[str, torch.Tensor]) -> None:
+        """Drive the rig with ``params`` and push the new splats to the scene."""
+        from fastavatar.animate.blendshapes import evaluate_rig
+
+        with self._lock, torch.no_grad():
+            splats = evaluate_rig(self.rig, params, rotate_colours=False)  # viewer shows DC colour only
+            self.handle.set_gaussians(**splats_to_viser(splats))
+            self.updates += 1
+
+    def refresh(self) -> None:
+        if self.rig is not None and self.handle is not None:
+            self.set_params(self.slider_params())
+
+
+def serve(splats: Splats, rig=None, cfg: ViewerConfig = ViewerConfig(), block: bool = True) -> SplatViewer:
+    """Start the viewer; with ``block`` wait until Ctrl-C, then stop the server."""
+    viewer = SplatViewer(splats, rig, cfg).start()
+    print(f"viewer: http://{cfg.host}:{viewer.port}  ({viewer.num_gaussians} Gaussians"
+          f"{', rig sliders on' if rig is not None else ''}); Ctrl-C to stop")
+    if block:
+        import signal
+        import time
+
+        def _stop(_signum, _frame):
+            raise KeyboardInterrupt
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _stop)  # `kill` stops it cleanly too, like Ctrl-C
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            viewer.stop()
+    return viewer
+
+
+def locate_rig(ply_path, rig_path=None):
+    """``rig_path`` if given, else ``rig.npz`` beside the PLY when it exists, else None."""
+    from pathlib import Path
+
+    if rig_path is not None:
+        return Path(rig_path)
+    candidate = Path(ply_path).with_name("rig.npz")
+    return candidate if candidate.is_file() else None
+
+
+__all__: List[str] = ["ViewerConfig", "SplatViewer", "serve", "splats_to_viser", "locate_rig"]
