@@ -226,32 +226,28 @@ class SubjectParser:
 
 
 def load_rgb(path: Path, size) -> torch.Tensor:
-    """Read an image as [H, W, 3] float32 0..1 resized to ``size=(W, H)`` (area filter)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-            if img.size != tuple(size):
-                img = img.resize(tuple(size), Image.Resampling.BOX if img.size[0] > size[0] else Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0
-    except (OSError, ValueError) as exc:
-        raise SubjectDataError(f"{path}: cannot read image ({exc})") from None
-    return torch.from_numpy(arr)
+    """Read an image as [H, W, 3] float32 0..1 resized to ``size=(W, H)``."""
+    return _load_resized(path, size, "RGB", "image")
 
 
 def load_gray(path: Path, size) -> torch.Tensor:
     """Read a mask as [H, W] float32 0..1 resized to ``size=(W, H)``."""
+    return _load_resized(path, size, "L", "mask")
+
+
+def _load_resized(path: Path, size, mode: str, what: str) -> torch.Tensor:
+    """PIL read + convert to ``mode`` + resize (box filter when shrinking, bilinear otherwise)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L")
+            img = img.convert(mode)
             if img.size != tuple(size):
-                img = img.resize(tuple(size), Image.Resampling.BOX if img.size[0] > size[0] else Image.Resampling.BILINEAR)
+                shrink = img.size[0] > size[0]
+                img = img.resize(tuple(size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
-        raise SubjectDataError(f"{path}: cannot read mask ({exc})") from None
+        raise SubjectDataError(f"{path}: cannot read {what} ({exc})") from None
     return torch.from_numpy(arr)
 
 

@@ -44,8 +44,9 @@ DEFAULT_INSIGHTFACE_ROOTS = (
 """Searched in order when no ``--insightface_root`` is given."""
 
 BUFFALO_L_HINT = (
-    "download buffalo_l.zip from https://github.com/deepinsight/insightface/releases/tag/v0.7 "
-    "and unzip it into pretrained_weights/insightface/buffalo_l (or pass --insightface_root DIR)"
+    "get buffalo_l.zip from the insightface model zoo (github.com/deepinsight/insightface releases) and unzip "
+    "det_10g.onnx and w600k_r50.onnx into pretrained_weights/insightface/buffalo_l (see pretrained_weights/README.md), "
+    "or pass --insightface_root DIR"
 )
 
 
