@@ -1,0 +1,29 @@
+#!/usr/bin/env python
+"""Train the DINOv2 point + camera-pose tracker (heads by default; --no-freeze_backbone for all).
+
+    python scripts/train_tracker.py --config configs/tracker.yaml --output_dir runs/tracker
+    python scripts/train_tracker.py --random_backbone --max_epochs 1    # smoke run without weights
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fastavatar.config import parse_config  # noqa: E402
+from fastavatar.train.common import NonFiniteLossError  # noqa: E402
+from fastavatar.train.tracker import TrackerTrainConfig, train_tracker  # noqa: E402
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(TrackerTrainConfig, argv, description=__doc__)
+    try:
+        train_tracker(cfg)
+    except (NonFiniteLossError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
