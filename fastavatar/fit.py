@@ -36,6 +36,9 @@ class FitConfig:
     scale_reg: float = option(0.0, "weight of mean |Δ log-scale|")
     pos_reg: float = option(0.0, "weight of mean |Δ position|")
     grad_clip: float = option(1.0, "gradient-norm clip per phase (0: off)")
+    keep_view_dependent: bool = option(
+        True, "keep SH bands 1-3 (view-dependent colour) from the start: one view cannot constrain them, and "
+              "fitting them overfits the input camera's elevation (the original refined them)")
     sh_degree: int = option(3, "SH degree rendered")
     backend: str = option("auto", "renderer backend")
 
@@ -99,6 +102,8 @@ def fit_to_views(
         for _ in bar:
             out = decoder(w)
             splats = {"means": points + out["means_delta"][0], **{k: out[k][0] for k in ("quats", "scales", "opacities", "sh0", "shN")}}
+            if cfg.keep_view_dependent:
+                splats["shN"] = initial["shN"]
             rgb = render_splats(splats, c2w, Ks, width, height, sh_degree=cfg.sh_degree, backend=cfg.backend).rgb
             parts = photometric_loss(rgb, images, cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, lpips_model)
             regs = delta_regularisers(out["raw_deltas"], cfg.scale_reg, cfg.pos_reg)
@@ -119,6 +124,8 @@ def fit_to_views(
     run_phase("mlp", cfg.mlp_steps, mlp_params, cfg.mlp_lr)
     with torch.no_grad():
         final = detach_splats(decode_splats(decoder, w, points))
+        if cfg.keep_view_dependent:
+            final["shN"] = initial["shN"].clone()
     return FitResult(w=w.detach(), splats=final, initial_splats=initial, losses=[float(x) for x in losses],
                      seconds=seconds)
 

@@ -112,7 +112,7 @@ def fit_subject(parser: SubjectParser, cfg: TemplateFitConfig, device="cpu", sho
         loss.backward()
         optimizer.step()
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
     return {"means": means.detach().cpu(), **{k: v.detach().cpu() for k, v in params.items()}}
 
 

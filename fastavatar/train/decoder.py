@@ -258,7 +258,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
             parts = photometric_loss(pred, target, cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, lpips_model)
             regs = delta_regularisers(out["raw_deltas"], cfg.scale_reg, cfg.pos_reg)
             loss = parts["total"] + sum(regs.values()) if regs else parts["total"]
-            check_finite(loss, global_step, run.path)
+            check_finite(loss.detach(), global_step, run.path)
             for o in optimizers.values():
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -268,7 +268,7 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
             for o in optimizers.values():
                 o.step()
             global_step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if is_main and global_step % max(cfg.log_every, 1) == 0:
                 run.scalar("train/loss", float(loss), global_step)
                 for k, v in {**parts, **regs}.items():
