@@ -38,7 +38,7 @@ class DemoConfig:
     image_scale: float = option(0.25, "image scale for every stage (0.25: 138x200)")
     output_dir: str = option("outputs/demo", "where everything is written")
     template_iterations: int = option(150, "template fit steps per training subject")
-    decoder_epochs: int = option(8, "decoder training epochs (15 views x subjects per epoch)")
+    decoder_epochs: int = option(16, "decoder training epochs (15 views x subjects per epoch)")
     decoder_hidden_dim: int = option(128, "hypernetwork width for the demo (official: 256)")
     decoder_body_layers: int = option(4, "hypernetwork depth for the demo (official: 6)")
     views_per_subject: int = option(3, "views rendered per decoder pass during training")
