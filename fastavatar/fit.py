@@ -41,6 +41,9 @@ class FitConfig:
               "fitting them overfits the input camera's elevation (the original refined them)")
     sh_degree: int = option(3, "SH degree rendered")
     backend: str = option("auto", "renderer backend")
+    precision: str = option(
+        "auto", "decoder matmul precision while refining: fp32, bf16, or auto (bf16 on CPUs with native bf16 "
+                "matmuls, ~1.7x faster per step; fp32 elsewhere). The returned splats are always decoded in fp32")
 
 
 @dataclass
@@ -50,6 +53,18 @@ class FitResult:
     initial_splats: Splats
     losses: List[float]
     seconds: Dict[str, float]
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether to run the decoder under bf16 autocast (see ``FitConfig.precision``)."""
+    if precision == "fp32":
+        return False
+    if precision == "bf16":
+        return True
+    if precision != "auto":
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    is_bf16_cpu = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return device.type == "cpu" and bool(is_bf16_cpu)
 
 
 def decode_splats(decoder, w: torch.Tensor, points: torch.Tensor) -> Splats:
@@ -79,6 +94,7 @@ def fit_to_views(
     from fastavatar.render import render_splats
 
     device = points.device
+    bf16 = use_bf16(cfg.precision, device)
     decoder = copy.deepcopy(decoder) if copy_decoder else decoder
     decoder.eval()
     for p in decoder.parameters():
@@ -100,21 +116,23 @@ def fit_to_views(
         t0 = time.perf_counter()
         bar = progress(range(steps), show_progress, desc=f"fit {name}", leave=False)
         for _ in bar:
-            out = decoder(w)
-            splats = {"means": points + out["means_delta"][0], **{k: out[k][0] for k in ("quats", "scales", "opacities", "sh0", "shN")}}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = decoder(w)
+            splats = {"means": points + out["means_delta"][0].float(),
+                      **{k: out[k][0].float() for k in ("quats", "scales", "opacities", "sh0", "shN")}}
             if cfg.keep_view_dependent:
                 splats["shN"] = initial["shN"]
             rgb = render_splats(splats, c2w, Ks, width, height, sh_degree=cfg.sh_degree, backend=cfg.backend).rgb
             parts = photometric_loss(rgb, images, cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, lpips_model)
-            regs = delta_regularisers(out["raw_deltas"], cfg.scale_reg, cfg.pos_reg)
+            regs = delta_regularisers({k: v.float() for k, v in out["raw_deltas"].items()}, cfg.scale_reg, cfg.pos_reg)
             loss = parts["total"] + sum(regs.values()) if regs else parts["total"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
-            losses.append(loss.detach())
-            if hasattr(bar, "set_postfix") and len(losses) % 10 == 0:
+            losses.append(loss.detach())  # no host sync in the loop (only the CPU progress bar reads it)
+            if hasattr(bar, "set_postfix") and device.type != "cuda" and len(losses) % 10 == 0:
                 bar.set_postfix(loss=f"{float(losses[-1]):.4f}")
         for p in params:
             p.requires_grad_(False)
@@ -126,8 +144,8 @@ def fit_to_views(
         final = detach_splats(decode_splats(decoder, w, points))
         if cfg.keep_view_dependent:
             final["shN"] = initial["shN"].clone()
-    return FitResult(w=w.detach(), splats=final, initial_splats=initial, losses=[float(x) for x in losses],
-                     seconds=seconds)
+    return FitResult(w=w.detach(), splats=final, initial_splats=initial,
+                     losses=torch.stack(losses).tolist() if losses else [], seconds=seconds)
 
 
 def mean_w(w_vectors: Optional[torch.Tensor], w_dim: int = 512) -> torch.Tensor:

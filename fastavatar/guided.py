@@ -50,6 +50,8 @@ class GuidedConfig:
     scale_reg: float = option(0.0, "weight of mean |Δ log-scale|")
     pos_reg: float = option(0.0, "weight of mean |Δ position|")
     grad_clip: float = option(1.0, "gradient-norm clip (the original had none)")
+    precision: str = option("auto", "decoder precision while refining: fp32, bf16 or auto (see fastavatar.fit)")
+    keep_view_dependent: bool = option(True, "keep SH bands 1-3 from the start (one view cannot constrain them)")
     lpips_net: str = option("alex", "LPIPS trunk for loss and metric: alex or vgg")
     input_views: List[str] = option(["8"], "input view indices (e.g. 8 or 0 8), or 'all' to fit each view in turn")
     joint: bool = option(False, "fit several input views jointly instead of one after another")
@@ -125,7 +127,8 @@ def run_guided(cfg: GuidedConfig, decoder=None, w_vectors=None, show_progress: b
     half = max(cfg.max_epochs - 1, 0) // 2
     fit_cfg = FitConfig(w_steps=half, mlp_steps=max(cfg.max_epochs - 1 - half, 0), w_lr=cfg.w_lr, mlp_lr=cfg.mlp_lr,
                         l1_weight=cfg.l1_weight, ssim_weight=cfg.ssim_weight, lpips_weight=cfg.lpips_weight,
-                        scale_reg=cfg.scale_reg, pos_reg=cfg.pos_reg, grad_clip=cfg.grad_clip, backend=cfg.backend)
+                        scale_reg=cfg.scale_reg, pos_reg=cfg.pos_reg, grad_clip=cfg.grad_clip, backend=cfg.backend,
+                        precision=cfg.precision, keep_view_dependent=cfg.keep_view_dependent)
     views = resolve_input_views(cfg.input_views, parser)
     groups = [views] if cfg.joint else [[v] for v in views]
     runs = []

@@ -40,13 +40,14 @@ def build_decoder(args, points_parser):
     return decoder, torch.randn(4, 512) * 0.1, "random (official size)"
 
 
-def time_phase(decoder, w0, points, image, c2w, K, width, height, steps, phase, device, backend):
+def time_phase(decoder, w0, points, image, c2w, K, width, height, steps, phase, device, backend, precision):
     from fastavatar.fit import FitConfig, fit_to_views
 
     cfg = FitConfig(w_steps=steps if phase == "w" else 0, mlp_steps=steps if phase == "mlp" else 0,
-                    lpips_weight=0.0, backend=backend)
+                    lpips_weight=0.0, backend=backend, precision=precision)
     fit_to_views(decoder, w0, points, image, c2w, K, width, height,
-                 FitConfig(w_steps=1, mlp_steps=1, lpips_weight=0.0, backend=backend), show_progress=False)  # warm-up
+                 FitConfig(w_steps=1, mlp_steps=1, lpips_weight=0.0, backend=backend, precision=precision),
+                 show_progress=False)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -58,7 +59,7 @@ def time_phase(decoder, w0, points, image, c2w, K, width, height, steps, phase, 
 
 def main(argv=None) -> int:
     from fastavatar.data import SubjectParser
-    from fastavatar.fit import FitConfig, fit_to_views, mean_w
+    from fastavatar.fit import FitConfig, fit_to_views, mean_w, use_bf16
     from fastavatar.train.common import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,13 +72,15 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder_checkpoint", default="")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--precision", default="auto", help="fp32, bf16 or auto (see fastavatar.fit.FitConfig)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-               "torch": torch.__version__, "num_gaussians": 10144, "per_scale": []}
+               "torch": torch.__version__, "num_gaussians": 10144, "per_scale": [],
+               "precision": "bf16" if use_bf16(args.precision, device) else "fp32"}
     for scale in args.scales:
         parser = SubjectParser(Path(args.data_root) / args.sample_id, image_scale=scale)
         decoder, w_vectors, source = build_decoder(args, parser)
@@ -90,12 +93,14 @@ def main(argv=None) -> int:
         row = {"image_scale": scale, "image_size": [parser.width, parser.height]}
         for phase in ("w", "mlp"):
             row[f"{phase}_phase_s_per_iter"] = time_phase(decoder, w0, points, image, c2w, K, parser.width,
-                                                           parser.height, args.iters, phase, device, args.backend)
+                                                           parser.height, args.iters, phase, device, args.backend,
+                                                           args.precision)
         row["full_default_refinement_s_estimated"] = 150 * (row["w_phase_s_per_iter"] + row["mlp_phase_s_per_iter"])
         if args.full:
             t0 = time.perf_counter()
             fit_to_views(decoder, w0, points, image, c2w, K, parser.width, parser.height,
-                         FitConfig(w_steps=150, mlp_steps=150, lpips_weight=0.0, backend=args.backend),
+                         FitConfig(w_steps=150, mlp_steps=150, lpips_weight=0.0, backend=args.backend,
+                                   precision=args.precision),
                          show_progress=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -146,3 +146,36 @@ def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_r
     assert [r["subject"] for r in table["subjects"]] == ["128", "306"]
     assert set(table["overall"]) == {"template", "feed_forward", "full"}
     assert "| **mean** |" in (tmp_path / "proto" / "table.md").read_text()
+
+
+def test_precision_choice_and_bf16_fit_tracks_fp32(tiny_decoder_ckpt, parser306):
+    from fastavatar.checkpoints import load_decoder
+    from fastavatar.fit import use_bf16
+
+    assert use_bf16("fp32", torch.device("cpu")) is False and use_bf16("bf16", torch.device("cpu")) is True
+    assert use_bf16("auto", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="precision must be"):
+        use_bf16("fp8", torch.device("cpu"))
+    decoder, w_vectors, _ = load_decoder(tiny_decoder_ckpt)
+    view = 8
+    args = (decoder, mean_w(w_vectors), parser306.points, parser306.load_image(view)[None],
+            parser306.c2w[view:view + 1], parser306.Ks[view:view + 1], parser306.width, parser306.height)
+    runs = {p: fit_to_views(*args, FitConfig(w_steps=4, mlp_steps=4, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0,
+                                             backend="torch", precision=p), show_progress=False)
+            for p in ("fp32", "bf16")}
+    assert runs["bf16"].losses[-1] == pytest.approx(runs["fp32"].losses[-1], rel=0.05)
+    assert runs["bf16"].splats["sh0"].dtype == torch.float32
+
+
+def test_keep_view_dependent_colour(tiny_decoder_ckpt, parser306):
+    from fastavatar.checkpoints import load_decoder
+
+    decoder, w_vectors, _ = load_decoder(tiny_decoder_ckpt)
+    view = 8
+    args = (decoder, mean_w(w_vectors), parser306.points, parser306.load_image(view)[None],
+            parser306.c2w[view:view + 1], parser306.Ks[view:view + 1], parser306.width, parser306.height)
+    for keep in (True, False):
+        r = fit_to_views(*args, FitConfig(w_steps=3, mlp_steps=3, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0,
+                                          backend="torch", keep_view_dependent=keep), show_progress=False)
+        assert torch.equal(r.splats["shN"], r.initial_splats["shN"]) is keep
+        assert not torch.equal(r.splats["sh0"], r.initial_splats["sh0"])
