@@ -92,14 +92,18 @@ def subject_points(cfg: GuidedConfig, parser: SubjectParser) -> torch.Tensor:
         return parser.points
     if cfg.points_from != "flame":
         raise ValueError(f"points_from must be 'colmap' or 'flame', got {cfg.points_from!r}")
+    from fastavatar.flame.model import load_flame_model
     from fastavatar.flame.points import points_from_flame_file
 
     if parser.flame_param_path is None:
         raise FileNotFoundError(f"{parser.subject_dir}: no flame_param/*.npz for points_from=flame")
-    # teeth triangles missing from a plain FLAME file fall back to points3D (and the run says so)
-    points = points_from_flame_file(cfg.flame_model or None, parser.flame_param_path, fallback_points=parser.points)
+    model = load_flame_model(cfg.flame_model or None)
+    # teeth triangles missing from a plain FLAME file fall back to points3D, and the run says so
+    points = points_from_flame_file(model, parser.flame_param_path, fallback_points=parser.points)
     error = float((points - parser.points).norm(dim=1).max())
-    print(f"[guided] points from FLAME ({cfg.flame_model or 'default location'}): max distance to points3D {error:.2e} m")
+    borrowed = points.shape[0] - model.num_faces
+    print(f"[guided] points from FLAME ({cfg.flame_model or 'default location'}): max distance to points3D {error:.2e} m"
+          + (f" ({borrowed} trailing points from points3D)" if borrowed > 0 else ""))
     return points
 
 

@@ -35,11 +35,16 @@ class MultiViewDataset(Dataset):
             for v in views if views is not None else range(len(parser)):
                 if 0 <= v < len(parser):
                     self.items.append((s, v))
+        self._index = {item: i for i, item in enumerate(self.items)}
         self.cache_images = cache_images
         self._cache: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def index_of(self, subject_index: int, view_index: int) -> int:
+        """Dataset index of (subject row, view); KeyError when that view is not in this split."""
+        return self._index[(subject_index, view_index)]
 
     def _image_and_mask(self, s: int, v: int):
         key = (s, v)

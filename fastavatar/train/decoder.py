@@ -140,7 +140,7 @@ def _render_items(model_out: dict, rows_of_items: List[int], items: List[dict], 
         out = render_splats(splats, item["c2w"].to(device), item["K"].to(device), width, height,
                             sh_degree=cfg.sh_degree, near_plane=cfg.near, far_plane=cfg.far, backend=cfg.backend)
         preds.append(out.rgb)
-        targets.append(item["image"].to(device)[None].expand_as(out.rgb) if item["image"].dim() == 3 else item["image"].to(device))
+        targets.append(item["image"].to(device)[None])
     return torch.cat(preds), torch.cat(targets)
 
 
@@ -319,7 +319,7 @@ def _expand_views(items, dataset: MultiViewDataset, views_per_subject: int, pars
         others = [v for v in train_views if v != it["view_index"]]
         pick = torch.randperm(len(others))[: views_per_subject - 1].tolist()
         for j in pick:
-            out.append(dataset[dataset.items.index((it["subject_index"], others[j]))])
+            out.append(dataset[dataset.index_of(it["subject_index"], others[j])])
     return out
 
 
