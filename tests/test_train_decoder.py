@@ -125,3 +125,28 @@ def test_ddp_two_processes_gloo_keep_w_in_sync(tmp_path, template_path, data_roo
     moved = (ckpt["w_vectors"] - init).norm(dim=1)
     assert (moved > 0).all(), "both subjects' W rows were updated"
     assert out.stdout.count("[train] epoch 1") == 1  # only rank 0 logs
+
+
+def test_training_uses_lpips_when_the_trunk_is_cached(tmp_path, template_path, data_root, monkeypatch):
+    import torchvision
+
+    import fastavatar.losses as losses
+    import fastavatar.train.decoder as trainer
+
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), hub / "alexnet-owt-7be5be79.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    losses._LPIPS_CACHE.clear()
+    seen = []
+    real = trainer.photometric_loss
+
+    def spy(*args, **kwargs):
+        parts = real(*args, **kwargs)
+        seen.append(parts)
+        return parts
+
+    monkeypatch.setattr(trainer, "photometric_loss", spy)
+    train_decoder(tiny_config(tmp_path, template_path, data_root, max_epochs=1, max_steps=2, lpips_weight=0.1))
+    losses._LPIPS_CACHE.clear()
+    assert seen and all("lpips" in parts and float(parts["lpips"]) > 0 for parts in seen)
