@@ -486,6 +486,35 @@ def save_decoder_checkpoint(
     atomic_torch_save(obj, path)
 
 
+def _save_trained_model(
+    path: PathLike,
+    model_key: str,
+    module: nn.Module,
+    model_config: dict,
+    fmt: str,
+    epoch: int,
+    global_step: int,
+    config: Any,
+    optimizer_dict: Optional[Mapping[str, Any]],
+    scheduler_dict: Optional[Mapping[str, Any]],
+    extra: Optional[Mapping[str, Any]],
+) -> None:
+    """The W-encoder / tracker checkpoint layout: weights under ``model_key`` (as released), then
+    optimizer / scheduler state, progress, run config, model config, ``format`` and ``extra``."""
+    obj = {
+        model_key: _cpu_state(module),
+        "optimizer_dict": dict(optimizer_dict) if optimizer_dict is not None else None,
+        "scheduler_dict": dict(scheduler_dict) if scheduler_dict is not None else None,
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "config": _plain_config(config, str(path)),
+        "model_config": model_config,
+        "format": fmt,
+        "extra": _plain_config(extra, str(path), allow_tensors=True) if extra is not None else None,
+    }
+    atomic_torch_save(obj, path)
+
+
 def save_w_encoder_checkpoint(
     path: PathLike,
     encoder: WEncoder,
@@ -497,18 +526,10 @@ def save_w_encoder_checkpoint(
     extra: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """Atomically write a W-encoder checkpoint (released keys + ours)."""
-    obj = {
-        "model_dict": _cpu_state(encoder),
-        "optimizer_dict": dict(optimizer_dict) if optimizer_dict is not None else None,
-        "scheduler_dict": dict(scheduler_dict) if scheduler_dict is not None else None,
-        "epoch": int(epoch),
-        "global_step": int(global_step),
-        "config": _plain_config(config, str(path)),
-        "model_config": encoder.config.to_dict(),
-        "format": W_ENCODER_FORMAT,
-        "extra": _plain_config(extra, str(path), allow_tensors=True) if extra is not None else None,
-    }
-    atomic_torch_save(obj, path)
+    _save_trained_model(
+        path, "model_dict", encoder, encoder.config.to_dict(), W_ENCODER_FORMAT,
+        epoch, global_step, config, optimizer_dict, scheduler_dict, extra,
+    )
 
 
 def save_tracker_checkpoint(
@@ -522,18 +543,10 @@ def save_tracker_checkpoint(
     extra: Optional[Mapping[str, Any]] = None,
 ) -> None:
     """Atomically write a tracker checkpoint (``model_state_dict`` as released + ours)."""
-    obj = {
-        "model_state_dict": _cpu_state(tracker),
-        "optimizer_dict": dict(optimizer_dict) if optimizer_dict is not None else None,
-        "scheduler_dict": dict(scheduler_dict) if scheduler_dict is not None else None,
-        "epoch": int(epoch),
-        "global_step": int(global_step),
-        "config": _plain_config(config, str(path)),
-        "model_config": _plain_config(tracker.config.to_dict(), str(path)),
-        "format": TRACKER_FORMAT,
-        "extra": _plain_config(extra, str(path), allow_tensors=True) if extra is not None else None,
-    }
-    atomic_torch_save(obj, path)
+    _save_trained_model(
+        path, "model_state_dict", tracker, _plain_config(tracker.config.to_dict(), str(path)), TRACKER_FORMAT,
+        epoch, global_step, config, optimizer_dict, scheduler_dict, extra,
+    )
 
 
 def checkpoint_config(ckpt: Mapping[str, Any]) -> dict:

@@ -61,16 +61,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _cli() -> int:
-    from fastavatar.animate.rig import RigError
-    from fastavatar.flame.model import FlameModelMissing
-
-    try:
-        return main()
-    except (FlameModelMissing, RigError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    raise SystemExit(_cli())
+    from fastavatar.animate.rig import run_rig_script
+
+    raise SystemExit(run_rig_script(main))

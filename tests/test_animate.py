@@ -25,11 +25,12 @@ from fastavatar.animate import (
     rotate_sh,
     save_rig,
 )
-from fastavatar.animate.binding import matrix_to_quat, quat_multiply, quat_to_matrix, sh_basis_rest
+from fastavatar.animate.binding import sh_basis_rest
 from fastavatar.cameras import look_at_c2w
 from fastavatar.flame import flame_forward
 from fastavatar.flame.points import triangle_centres
 from fastavatar.render import render_splats
+from fastavatar.rotations import matrix_to_quat, quat_multiply, quat_to_matrix
 from flame_fixtures import make_tiny_flame, random_params, save_tiny_flame_npz, splats_on_mesh
 
 W, H = 40, 48

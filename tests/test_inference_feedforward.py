@@ -33,14 +33,8 @@ from fastavatar.ply import load_ply
 N = 10144
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.one_torch_thread
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread avoids OpenMP barrier stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def tiny_tracker_config() -> TrackerConfig:
     vit = ViTConfig(img_size=224, patch_size=14, embed_dim=32, depth=2, num_heads=2)

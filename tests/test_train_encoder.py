@@ -37,14 +37,8 @@ def setup(tmp_path_factory):
     }
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.one_torch_thread
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread avoids OpenMP barrier stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _cfg(setup, data_root, out, **kw):
     base = dict(data_root=str(data_root), decoder_load_path=str(setup["decoder"]), insightface_root=str(setup["buffalo"]),

@@ -13,14 +13,8 @@ from fastavatar.train.common import NonFiniteLossError
 from fastavatar.train.tracker import TrackerTrainConfig, build_tracker, train_tracker
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see conftest.one_torch_thread
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread avoids OpenMP barrier stalls on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 _PARSERS = {}
 

@@ -35,20 +35,17 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from fastavatar.animate.binding import (
-    Binding,
-    bind_splats,
+from fastavatar.animate.binding import Binding, bind_splats, place_splats, rotate_sh
+from fastavatar.animate.rig import SOURCE_KEYS, Rig
+from fastavatar.flame.model import FlameModel, flame_forward, full_pose_matrices, lbs_transforms, pose_feature
+from fastavatar.rotations import (
     matrix_to_quat,
-    place_splats,
     quat_conjugate,
     quat_multiply,
     quat_to_matrix,
     quat_to_rotvec,
-    rotate_sh,
     rotvec_to_quat,
 )
-from fastavatar.animate.rig import SOURCE_KEYS, Rig
-from fastavatar.flame.model import FlameModel, flame_forward, full_pose_matrices, lbs_transforms, pose_feature
 from fastavatar.splats import Splats
 
 POSE_KEYS = ("rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")

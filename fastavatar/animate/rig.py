@@ -20,9 +20,10 @@ frame's pose). Everything needed to animate it lives in ``rig.npz`` (float32 unl
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Dict, Union
+from typing import Callable, Dict, Type, Union
 
 import numpy as np
 import torch
@@ -195,3 +196,15 @@ def random_rig(num_gaussians: int = 10144, num_expr: int = 100, seed: int = 0,
         shape=torch.zeros(300), static_offset=torch.zeros(5143, 3), faces=torch.zeros(n, 3, dtype=torch.int64),
         source={}, rest_mode="mesh",
     )
+
+
+def run_rig_script(main: Callable[[], int], *more_errors: Type[Exception]) -> int:
+    """Run a rig script's ``main`` (build_rig, animate, view): a missing FLAME model, an unusable rig,
+    a missing file or one of ``more_errors`` prints ``error: <message>`` on stderr and returns exit code 2."""
+    from fastavatar.flame.model import FlameModelMissing
+
+    try:
+        return main()
+    except (FlameModelMissing, RigError, FileNotFoundError, *more_errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from fastavatar import NUM_TEMPLATE_GAUSSIANS
 from fastavatar.models.vit import VIT_PRESETS, DinoVisionTransformer, ViTConfig
+from fastavatar.rotations import quat_to_matrix
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -99,19 +100,6 @@ def rotation_6d_to_matrix(d6: torch.Tensor) -> torch.Tensor:
     return torch.stack([b1, b2, b3], dim=-2)
 
 
-def quaternion_to_matrix(q: torch.Tensor) -> torch.Tensor:
-    """[...,4] wxyz (normalised here) -> [...,3,3]."""
-    w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(*q.shape[:-1], 3, 3)
-
-
 class DinoPointPoseEncoder(nn.Module):
     """The released ``DINOv2Encoder``: image -> points + camera pose."""
 
@@ -145,7 +133,7 @@ class DinoPointPoseEncoder(nn.Module):
             rot = rotation_6d_to_matrix(p[:, :6])
             t = p[:, 6:9]
         else:
-            rot = quaternion_to_matrix(p[:, :4])
+            rot = quat_to_matrix(p[:, :4])
             t = p[:, 4:7]
         pose = torch.zeros(b, 4, 4, dtype=p.dtype, device=p.device)
         pose[:, :3, :3] = rot
@@ -357,7 +345,6 @@ __all__ = [
     "infer_tracker_config",
     "load_backbone_weights",
     "preprocess_for_tracker",
-    "quaternion_to_matrix",
     "read_tracker_sidecars",
     "rotation_6d_to_matrix",
     "tracker_loss",

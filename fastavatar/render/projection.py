@@ -12,27 +12,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fastavatar.rotations import quat_to_matrix
+
 ALPHA_THRESHOLD = 1.0 / 255.0  # pairs with alpha below this are skipped (3DGS / gsplat)
-
-
-def quat_to_rotmat(quats: torch.Tensor) -> torch.Tensor:
-    """[..., 4] wxyz quaternions (normalised here) -> [..., 3, 3] rotation matrices."""
-    q = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    w, x, y, z = q.unbind(-1)
-    rot = torch.stack(
-        [
-            1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-            2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-            2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    )
-    return rot.reshape(q.shape[:-1] + (3, 3))
 
 
 def quat_scale_to_covar(quats: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Sigma = R S S^T R^T. quats [N, 4] wxyz, scales [N, 3] (activated std devs) -> [N, 3, 3]."""
-    m = quat_to_rotmat(quats) * scales[..., None, :]  # [N, 3, 3] = R S
+    m = quat_to_matrix(quats) * scales[..., None, :]  # [N, 3, 3] = R S
     return m @ m.transpose(-1, -2)
 
 

@@ -395,6 +395,20 @@ def _render_one_camera(
     return out, t_final
 
 
+def finish_camera(
+    out: torch.Tensor,  # [H, W, 4] sum_i w_i (rgb_i, z_i)
+    t_final: torch.Tensor,  # [H, W, 1] final transmittance
+    background: Optional[torch.Tensor] = None,  # [3]; None = black
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One camera's composite -> rgb [H, W, 3] (background added once, weighted by T_final),
+    alpha = 1 - T_final [H, W, 1], expected depth sum w_i z_i / alpha [H, W, 1] (0 where nothing drew)."""
+    alpha = 1.0 - t_final
+    rgb = out[..., :3]
+    if background is not None:
+        rgb = rgb + t_final * background
+    return rgb, alpha, out[..., 3:4] / alpha.clamp_min(1e-10)
+
+
 def rasterize_torch(
     means: torch.Tensor,  # [N, 3]
     quats: torch.Tensor,  # [N, 4] unit wxyz
@@ -420,11 +434,8 @@ def rasterize_torch(
             means, quats, scales, opacities, sh, viewmats[cam], Ks[cam], width, height,
             sh_degree, near_plane, far_plane, cfg,
         )
-        alpha = 1.0 - t_final
-        rgb = out[..., :3]
-        if backgrounds is not None:
-            rgb = rgb + t_final * backgrounds[cam]
+        rgb, alpha, depth = finish_camera(out, t_final, None if backgrounds is None else backgrounds[cam])
         rgbs.append(rgb)
         alphas.append(alpha)
-        depths.append(out[..., 3:4] / alpha.clamp_min(1e-10))
+        depths.append(depth)
     return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)

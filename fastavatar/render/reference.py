@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastavatar.render.projection import ALPHA_THRESHOLD
-from fastavatar.render.rasterize_torch import MAX_ALPHA, T_EPS
+from fastavatar.render.rasterize_torch import MAX_ALPHA, T_EPS, finish_camera
 
 
 def _composite_dense(
@@ -98,11 +98,8 @@ def rasterize_reference(
             tfs.append(t)
         out = torch.cat(outs, 0).reshape(height, width, 4)
         t_final = torch.cat(tfs, 0).reshape(height, width, 1)
-        alpha = 1.0 - t_final
-        rgb = out[..., :3]
-        if backgrounds is not None:
-            rgb = rgb + t_final * backgrounds[cam]
+        rgb, alpha, ed = finish_camera(out, t_final, None if backgrounds is None else backgrounds[cam])
         rgbs.append(rgb)
         alphas.append(alpha)
-        eds.append(out[..., 3:4] / alpha.clamp_min(1e-10))
+        eds.append(ed)
     return torch.stack(rgbs), torch.stack(alphas), torch.stack(eds)
