@@ -105,7 +105,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     print("[demo] 4/4 evaluation on the unseen views")
     t0 = time.time()
-    template_splats = _template_at(decoder, points)
+    template_splats = decoder.template_splats(points)
     scores = {
         "fit": evaluate_reconstruction(result.splats, test, recon, [view], lpips_model, cfg.backend, device),
         "decoder_mean_w": evaluate_reconstruction(result.initial_splats, test, None, [view], lpips_model,
@@ -133,18 +133,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     print_summary(summary)
     return summary
-
-
-def _template_at(decoder, points: torch.Tensor) -> dict:
-    """The template alone placed at the subject's points (what the decoder starts from)."""
-    return {
-        "means": points,
-        "quats": decoder.base_rotations.detach(),
-        "scales": decoder.base_scales.detach(),
-        "opacities": decoder.base_opacity.detach(),
-        "sh0": decoder.base_sh0.detach(),
-        "shN": decoder.base_shN.detach(),
-    }
 
 
 def print_summary(summary: dict) -> None:

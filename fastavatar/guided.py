@@ -205,9 +205,7 @@ def run_protocol(cfg: GuidedConfig, subjects: List[str], show_progress: bool = T
         run = summary["runs"][0]
         parser = SubjectParser(discover_subjects(cfg.data_root, [sid])[0], image_scale=cfg.image_scale)
         seen = resolve_input_views(cfg.input_views, parser)
-        template = {"means": subject_points(cfg, parser).to(device), "quats": decoder.base_rotations.detach(),
-                    "scales": decoder.base_scales.detach(), "opacities": decoder.base_opacity.detach(),
-                    "sh0": decoder.base_sh0.detach(), "shN": decoder.base_shN.detach()}
+        template = decoder.template_splats(subject_points(cfg, parser).to(device))
         tpl = evaluate_reconstruction(template, parser, None, seen, lpips_model, cfg.backend, device)
         rows.append({"subject": sid, "template": tpl["unseen"], "feed_forward": run["initial"]["unseen"],
                      "full": run["final"]["unseen"], "w_init": run["w_init"],

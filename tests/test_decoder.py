@@ -172,3 +172,17 @@ def test_cuda_matches_cpu():
         gpu = dec.cuda()(w.cuda())
     for key in ("means_delta", "quats", "scales", "sh0", "shN", "opacities"):
         torch.testing.assert_close(gpu[key].cpu(), cpu[key], rtol=1e-3, atol=1e-3)
+
+
+def test_template_splats_are_the_base_parameters_at_given_points():
+    n = 20
+    gen = torch.Generator().manual_seed(0)
+    template = {"means": torch.randn(n, 3, generator=gen), "quats": torch.randn(n, 4, generator=gen),
+                "scales": torch.randn(n, 3, generator=gen), "opacities": torch.randn(n, generator=gen),
+                "sh0": torch.randn(n, 1, 3, generator=gen), "shN": torch.randn(n, 15, 3, generator=gen)}
+    decoder = GaussianDecoder(template, DecoderConfig(hidden_dim=8, body_layers=1, gaussians_per_round=n))
+    points = torch.randn(n, 3, generator=gen)
+    out = decoder.template_splats(points)
+    assert torch.equal(out["means"], points) and torch.equal(out["scales"], template["scales"])
+    assert torch.equal(decoder.template_splats()["means"], template["means"])
+    assert not any(v.requires_grad for v in out.values())

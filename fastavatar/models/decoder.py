@@ -270,6 +270,19 @@ class GaussianDecoder(nn.Module):
         out = self.forward(w)
         return splats_from_output(out, points if points is not None else self.splats["means"], batched)
 
+    def template_splats(self, points: Optional[torch.Tensor] = None) -> Splats:
+        """The template alone (base parameters, no MLP offsets) at ``points`` [N,3] (default: the
+        template means): the baseline a decoded head is compared with. Detached."""
+        means = self.splats["means"] if points is None else points
+        return {
+            "means": means.detach(),
+            "quats": self.base_rotations.detach(),
+            "scales": self.base_scales.detach(),
+            "opacities": self.base_opacity.detach(),
+            "sh0": self.base_sh0.detach(),
+            "shN": self.base_shN.detach(),
+        }
+
     @property
     def template_means(self) -> torch.Tensor:  # [N, 3]
         return self.splats["means"]
