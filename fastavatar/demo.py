@@ -120,6 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "test_subject": cfg.test_subject,
         "input_view": test.image_names[view],
         "image_size": [test.width, test.height],
+        "num_unseen_views": len(test) - 1,
         "device": str(device),
         "unseen_views": {name: s["unseen"] for name, s in scores.items()},
         "input_view_scores": {name: s["seen"] for name, s in scores.items()},
@@ -141,7 +142,7 @@ def print_summary(summary: dict) -> None:
         return f"PSNR {m['psnr']:6.2f} dB  SSIM {m['ssim']:.4f}  LPIPS {lp}"
 
     print("\n[demo] results on the %d unseen views of subject %s (%dx%d):" % (
-        15, summary["test_subject"], *summary["image_size"]))
+        summary["num_unseen_views"], summary["test_subject"], *summary["image_size"]))
     for name, label in (("template", "template alone      "), ("decoder_mean_w", "decoder, mean W    "),
                         ("fit", "single-view fit    ")):
         print(f"  {label} {fmt(summary['unseen_views'][name])}")
