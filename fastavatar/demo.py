@@ -46,6 +46,7 @@ class DemoConfig:
     w_lr: float = option(1e-2, "decoder/fit W learning rate")
     fit_w_steps: int = option(60, "test-time W steps")
     fit_mlp_steps: int = option(60, "test-time MLP steps")
+    keep_view_dependent: bool = option(True, "keep SH bands 1-3 fixed while fitting one view (see fastavatar.fit)")
     turntable_frames: int = option(36, "frames in the turntable GIF")
     device: str = option("auto", "auto, cpu or cuda")
     backend: str = option("auto", "renderer backend")
@@ -94,7 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     view = cfg.input_view
     image = test.load_image(view).to(device)[None]
     fit_cfg = FitConfig(w_steps=cfg.fit_w_steps, mlp_steps=cfg.fit_mlp_steps, w_lr=cfg.w_lr, mlp_lr=cfg.mlp_lr,
-                        backend=cfg.backend)
+                        backend=cfg.backend, keep_view_dependent=cfg.keep_view_dependent)
     w0 = mean_w(w_vectors).to(device)
     result = fit_to_views(decoder, w0, points, image, test.c2w[view:view + 1].to(device),
                           test.Ks[view:view + 1].to(device), test.width, test.height, fit_cfg, lpips_model)
