@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,8 @@ from fastavatar.fit import FitConfig, fit_to_views, mean_w
 from fastavatar.losses import load_lpips
 from fastavatar.ply import save_ply
 from fastavatar.train.common import resolve_device, seed_everything
-from fastavatar.utils.io import atomic_write_json
+from fastavatar.metrics import mean_metrics
+from fastavatar.utils.io import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -113,8 +114,12 @@ def resolve_input_views(spec: List[str], parser: SubjectParser) -> List[int]:
     return [parser.view_index(int(s) if str(s).isdigit() else s) for s in spec]
 
 
-def run_guided(cfg: GuidedConfig, decoder=None, w_vectors=None, show_progress: bool = True) -> dict:
-    """Reconstruct ``cfg.sample_id`` from each input view (or jointly) and score all views."""
+def run_guided(cfg: GuidedConfig, decoder=None, w_vectors=None, show_progress: bool = True,
+               score_template: bool = False) -> dict:
+    """Reconstruct ``cfg.sample_id`` from each input view (or jointly) and score all views.
+
+    With ``score_template`` the summary also holds ``template``: the decoder template alone at the
+    subject's points, scored on the views not used as input (the protocol's baseline)."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     out = Path(cfg.output_dir)
@@ -145,18 +150,16 @@ def run_guided(cfg: GuidedConfig, decoder=None, w_vectors=None, show_progress: b
         "device": str(device),
         "runs": [{k: r[k] for k in ("input_views", "w_init", "initial", "final", "seconds", "output_dir")} for r in runs],
         "mean_unseen": {
-            stage: _average([r[stage]["unseen"] for r in runs]) for stage in ("initial", "final")
+            stage: mean_metrics([r[stage]["unseen"] for r in runs]) for stage in ("initial", "final")
         },
         "config": config_to_dict(cfg),
     }
+    if score_template:
+        seen = sorted({v for group in groups for v in group})
+        summary["template"] = evaluate_reconstruction(decoder.template_splats(points), parser, None, seen, lpips_model,
+                                                      cfg.backend, device)["unseen"]
     atomic_write_json(out / "summary.json", summary)
     return summary
-
-
-def _average(rows: List[Dict[str, Optional[float]]]) -> Dict[str, Optional[float]]:
-    from fastavatar.metrics import mean_metrics
-
-    return mean_metrics(rows)
 
 
 def _fit_and_score(cfg, decoder, w_vectors, parser, points, views, fit_cfg, lpips_model, device, out, show_progress):
@@ -201,21 +204,16 @@ def run_protocol(cfg: GuidedConfig, subjects: List[str], show_progress: bool = T
     for sid in subjects:
         sub_cfg = GuidedConfig(**{**config_to_dict(cfg), "sample_id": sid, "joint": True,
                                   "output_dir": str(root / f"subject_{sid}")})
-        summary = run_guided(sub_cfg, decoder=decoder, w_vectors=w_vectors, show_progress=show_progress)
+        summary = run_guided(sub_cfg, decoder=decoder, w_vectors=w_vectors, show_progress=show_progress,
+                             score_template=True)
         run = summary["runs"][0]
-        parser = SubjectParser(discover_subjects(cfg.data_root, [sid])[0], image_scale=cfg.image_scale)
-        seen = resolve_input_views(cfg.input_views, parser)
-        template = decoder.template_splats(subject_points(cfg, parser).to(device))
-        tpl = evaluate_reconstruction(template, parser, None, seen, lpips_model, cfg.backend, device)
-        rows.append({"subject": sid, "template": tpl["unseen"], "feed_forward": run["initial"]["unseen"],
+        rows.append({"subject": sid, "template": summary["template"], "feed_forward": run["initial"]["unseen"],
                      "full": run["final"]["unseen"], "w_init": run["w_init"],
                      "refine_seconds": run["seconds"]["refine_total"]})
-    overall = {m: _average([r[m] for r in rows]) for m in ("template", "feed_forward", "full")}
+    overall = {m: mean_metrics([r[m] for r in rows]) for m in ("template", "feed_forward", "full")}
     table = {"subjects": rows, "overall": overall, "input_views": cfg.input_views, "image_scale": cfg.image_scale,
              "decoder_checkpoint": cfg.decoder_checkpoint, "lpips": lpips_model is not None}
     atomic_write_json(root / "table.json", table)
-    from fastavatar.utils.io import atomic_write_text
-
     atomic_write_text(root / "table.md", protocol_markdown(table))
     return table
 
