@@ -10,7 +10,6 @@ import torch
 
 from fastavatar.checkpoints import save_decoder_checkpoint
 from fastavatar.data import SubjectParser
-from fastavatar.evaluate import evaluate_reconstruction
 from fastavatar.fit import FitConfig, fit_to_views, mean_w
 from fastavatar.guided import GuidedConfig, run_guided
 from fastavatar.models.decoder import DecoderConfig, GaussianDecoder

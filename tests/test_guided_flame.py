@@ -12,7 +12,7 @@ from flame_fixtures import NUM_EXPR, NUM_SHAPE, make_tiny_flame, save_tiny_flame
 from scipy.spatial.transform import Rotation
 
 from fastavatar.data import SubjectParser
-from fastavatar.flame.model import flame_forward, params_from_npz
+from fastavatar.flame.model import flame_forward
 from fastavatar.flame.points import triangle_centres
 from fastavatar.guided import GuidedConfig, subject_points
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fastavatar import NUM_TEMPLATE_GAUSSIANS
-from fastavatar.cameras import opengl_to_opencv_c2w, scale_intrinsics, scaled_size
+from fastavatar.cameras import opengl_to_opencv_c2w, scaled_size
 
 PathLike = Union[str, Path]
 

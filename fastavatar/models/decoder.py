@@ -229,7 +229,7 @@ class GaussianDecoder(nn.Module):
             w = w.unsqueeze(0)
         if w.dim() != 2 or w.shape[1] != self.config.w_dim:
             raise ValueError(f"decoder expects w of shape [B, {self.config.w_dim}], got {tuple(w.shape)}")
-        b, n = w.shape[0], self.num_gaussians
+        n = self.num_gaussians
         emb = self.gaussian_embeddings.weight  # [N, E]
         w = w.to(emb.dtype)
         step = max(1, int(self.config.gaussians_per_round))
