@@ -82,10 +82,6 @@ def detach_splats(splats: Splats) -> Splats:
     return {k: v.detach().clone() for k, v in splats.items()}
 
 
-def to_device(splats: Splats, device) -> Splats:
-    return {k: v.to(device) for k, v in splats.items()}
-
-
 def canonical_quats(quats: torch.Tensor) -> torch.Tensor:
     """Normalise [N,4] wxyz quaternions and flip signs so that w >= 0."""
     q = F.normalize(quats, dim=-1)

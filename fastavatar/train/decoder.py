@@ -17,7 +17,6 @@ a held-out validation split (views), TensorBoard, resumable atomic checkpoints, 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,7 +366,3 @@ def save_subject_plys(model: DecoderWithW, parsers: List[SubjectParser], out_dir
     for row, parser in enumerate(parsers):
         splats = model.decoder.decode(model.w_vectors[row : row + 1], parser.points.to(device))[0]
         save_ply(Path(out_dir) / f"{parser.subject_id}.ply", splats)
-
-
-def load_history(run_dir: Path) -> list:
-    return json.loads((Path(run_dir) / "history.json").read_text())
