@@ -287,7 +287,7 @@ def test_only_selects_and_rejects_unknown():
 
 
 def test_verify_flame_file(tmp_path):
-    from tests.flame_fixtures import save_tiny_flame_pickle
+    from flame_fixtures import save_tiny_flame_pickle
 
     weights_dir = tmp_path / "pw"
     entry = next(m for m in W.MANUAL if m.name == "flame")
