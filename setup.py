@@ -17,9 +17,12 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["fastavatar", "fastavatar.*"]),
+    package_data={"fastavatar.face": ["assets/*.tflite", "assets/*.npz", "assets/LICENSE-mediapipe", "assets/NOTICE.md"]},
     install_requires=read_requirements(),
     extras_require={
-        "test": ["pytest>=7", "timm>=1.0"],
+        "test": ["pytest>=7", "timm>=1.0", "ai-edge-litert>=2.0"],
+        # camera-free photo mode: runs the vendored mediapipe .tflite face models (fastavatar/face/assets)
+        "face": ["ai-edge-litert>=2.0"],
         # onnxruntime-gpu replaces the CPU onnxruntime (both write the same package folder):
         # pip install -e .[gpu] && pip uninstall -y onnxruntime && pip install --force-reinstall --no-deps onnxruntime-gpu
         "gpu": ["onnxruntime-gpu>=1.17"],

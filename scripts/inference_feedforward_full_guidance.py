@@ -1,8 +1,15 @@
 #!/usr/bin/env python
-"""FLAME-guided single-view reconstruction with test-time refinement, scored on every other view.
+"""Single-view reconstruction with test-time refinement: calibrated (FLAME-guided) or camera-free.
+
+Calibrated views of a dataset subject, scored on every other view:
 
     python scripts/inference_feedforward_full_guidance.py --data_root data/nersemble --sample_id 306
     python scripts/inference_feedforward_full_guidance.py --sample_id 306 --input_views all --image_scale 0.5
+
+Any photo (or a folder of photos), no calibration: face landmarks -> camera by PnP -> framed like
+the training views -> refined (camera, W, hypernetwork, per-Gaussian):
+
+    python scripts/inference_feedforward_full_guidance.py --image photo.jpg --decoder_checkpoint DECODER.pth
 """
 
 import sys
@@ -11,14 +18,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.config import parse_config  # noqa: E402
-from fastavatar.guided import GuidedConfig, run_guided  # noqa: E402
+from fastavatar.inference.photo import PhotoConfig, run_photo_mode  # noqa: E402
+from fastavatar.inference.guided import GuidedConfig, run_guided  # noqa: E402
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(GuidedConfig, argv, description=__doc__)
+    args = sys.argv[1:] if argv is None else list(argv)
+    cfg = parse_config(PhotoConfig, args, description=__doc__)
     try:
-        summary = run_guided(cfg)
-    except (FileNotFoundError, ValueError) as exc:
+        if cfg.image:
+            given = [flag for flag in ("--data_root", "--sample_id") if flag in args]
+            if given:
+                raise ValueError(f"--image (camera-free mode) replaces {' and '.join(given)}; give one or the other")
+            summary = run_photo_mode(cfg)
+            print(f"[photo] {len(summary['photos'])} photo(s) reconstructed, {len(summary['failed'])} failed; "
+                  f"outputs in {cfg.output_dir}")
+            return 0 if not summary["failed"] else 1
+        guided = GuidedConfig(**{k: getattr(cfg, k) for k in GuidedConfig.__dataclass_fields__})
+        summary = run_guided(guided)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     m = summary["mean_unseen"]
