@@ -204,30 +204,36 @@ def pick_resume_checkpoint(checkpoints: Path, load: Callable[[Path], Any], fallb
     raise RunFolderError(f"cannot resume: no usable checkpoint in {checkpoints} ({len(problems)} tried, all bad)")
 
 
-def override_learning_rates(optimizers: Mapping[str, torch.optim.Optimizer], configured: Mapping[str, float],
-                            saved_config: Mapping[str, Any], lr_keys: Mapping[str, str],
+def override_learning_rates(optimizers: Mapping[str, torch.optim.Optimizer], lr_keys: Mapping[str, Sequence[str]],
+                            config: Mapping[str, Any], saved_config: Any,
                             log: Callable[[str], None] = print) -> Dict[str, float]:
-    """After loading optimizer states on resume: for each optimizer ``name`` whose config key
-    ``lr_keys[name]`` (e.g. ``mlp_lr``) now differs from the checkpoint's recorded config, set
-    every param group's lr to the new value. Prints and returns the learning rates in use."""
+    """After loading optimizer states on resume. ``lr_keys[name][i]`` is the config key of param
+    group ``i`` of optimizer ``name`` (e.g. ``{"mlp": ["mlp_lr"]}``, ``{"tracker": ["lr",
+    "backbone_lr"]}``). Where ``config[key]`` differs from the checkpoint run's ``saved_config[key]``
+    (the user changed it), the group's lr is set to the new value; otherwise the saved optimizer's
+    (possibly decayed) lr stays. Prints and returns ``{key: lr in use}``."""
+    saved = saved_config if isinstance(saved_config, Mapping) else {}
     used: Dict[str, float] = {}
     notes = []
-    for name, opt in optimizers.items():
-        key = lr_keys[name]
-        new = float(configured[name])
-        old_cfg = saved_config.get(key) if isinstance(saved_config, Mapping) else None
-        current = float(opt.param_groups[0]["lr"])
-        if old_cfg is None or not math.isclose(float(old_cfg), new, rel_tol=1e-12, abs_tol=0.0):
-            for group in opt.param_groups:
+    for name, keys in lr_keys.items():
+        opt = optimizers.get(name)
+        if opt is None:
+            continue
+        for group, key in zip(opt.param_groups, keys):
+            new = float(config[key])
+            current = float(group["lr"])
+            old = saved.get(key)
+            changed = not isinstance(old, (int, float)) or not math.isclose(float(old), new, rel_tol=1e-12)
+            if changed:
                 group["lr"] = new
                 if "initial_lr" in group:
                     group["initial_lr"] = new
-            used[name] = new
-            notes.append(f"{key}={new:g} (command line / config; the checkpoint's optimizer had {current:g})")
-        else:
-            used[name] = current
-            notes.append(f"{key}={current:g} (from the checkpoint's optimizer state" +
-                         (f", decayed from {new:g})" if not math.isclose(current, new) else ")"))
+                used[key] = new
+                notes.append(f"{key}={new:g} (given now; the checkpoint's optimizer had {current:g})")
+            else:
+                used[key] = current
+                tail = f", decayed from {new:g}" if not math.isclose(current, new, rel_tol=1e-12) else ""
+                notes.append(f"{key}={current:g} (the checkpoint's optimizer state{tail})")
     if notes:
         log("[train] resume: learning rates " + "; ".join(notes))
     return used

@@ -185,11 +185,22 @@ def test_changed_learning_rate_wins_on_resume_unchanged_keeps_decay():
     for k, o in opts.items():
         o.load_state_dict(saved[k])
     said = []
-    used = S.override_learning_rates(opts, {"mlp": 1e-5, "w": 1e-2}, {"mlp_lr": 1e-3, "w_lr": 1e-2},
-                                     {"mlp": "mlp_lr", "w": "w_lr"}, log=said.append)
-    assert used == {"mlp": 1e-5, "w": 5e-3}
+    used = S.override_learning_rates(opts, {"mlp": ["mlp_lr"], "w": ["w_lr"]}, {"mlp_lr": 1e-5, "w_lr": 1e-2},
+                                     {"mlp_lr": 1e-3, "w_lr": 1e-2}, log=said.append)
+    assert used == {"mlp_lr": 1e-5, "w_lr": 5e-3}
     assert opts["mlp"].param_groups[0]["lr"] == 1e-5 and opts["w"].param_groups[0]["lr"] == 5e-3
     assert "mlp_lr=1e-05" in said[0] and "w_lr=0.005" in said[0]
+
+
+def test_learning_rates_per_param_group():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW([{"params": a.parameters(), "lr": 1e-4}, {"params": b.parameters(), "lr": 1e-5}])
+    said = []
+    used = S.override_learning_rates({"tracker": opt}, {"tracker": ["lr", "backbone_lr"]},
+                                     {"lr": 1e-4, "backbone_lr": 3e-6}, {"lr": 1e-4, "backbone_lr": 1e-5},
+                                     log=said.append)
+    assert used == {"lr": 1e-4, "backbone_lr": 3e-6}
+    assert [g["lr"] for g in opt.param_groups] == [1e-4, 3e-6]
 
 
 def test_history_continues_and_drops_redone_epochs(tmp_path):
