@@ -10,6 +10,8 @@ Any photo (or a folder of photos), no calibration: face landmarks -> camera by P
 the training views -> refined (camera, W, hypernetwork, per-Gaussian):
 
     python scripts/inference_feedforward_full_guidance.py --image photo.jpg --decoder_checkpoint DECODER.pth
+
+(``--image PATH --help`` lists the camera-free mode's own options.)
 """
 
 import sys
@@ -24,18 +26,19 @@ from fastavatar.inference.guided import GuidedConfig, run_guided  # noqa: E402
 
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_config(PhotoConfig, args, description=__doc__)
+    photo_mode = any(a == "--image" or a.startswith("--image=") for a in args)
     try:
-        if cfg.image:
-            given = [flag for flag in ("--data_root", "--sample_id") if flag in args]
+        if photo_mode:
+            given = [flag for flag in ("--data_root", "--sample_id") if any(a.split("=")[0] == flag for a in args)]
             if given:
                 raise ValueError(f"--image (camera-free mode) replaces {' and '.join(given)}; give one or the other")
+            cfg = parse_config(PhotoConfig, args, description=__doc__)
             summary = run_photo_mode(cfg)
             print(f"[photo] {len(summary['photos'])} photo(s) reconstructed, {len(summary['failed'])} failed; "
                   f"outputs in {cfg.output_dir}")
             return 0 if not summary["failed"] else 1
-        guided = GuidedConfig(**{k: getattr(cfg, k) for k in GuidedConfig.__dataclass_fields__})
-        summary = run_guided(guided)
+        cfg = parse_config(GuidedConfig, args, description=__doc__)
+        summary = run_guided(cfg)
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -29,7 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import numpy as np
 import torch
@@ -40,28 +40,44 @@ from fastavatar.face.embedding import FaceError
 from fastavatar.face.framing import FramedPhoto, frame_photo
 from fastavatar.face.images import ImageError, LoadedImage, list_images, load_rgb
 from fastavatar.face.pose import PhotoCamera, estimate_camera, rotation_error_deg, yaw_pitch_roll_deg
-from fastavatar.inference.guided import GuidedConfig
 from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
 from fastavatar.io.atomic import atomic_save_image, atomic_write_json
 from fastavatar.runtime import progress, resolve_device, seed_everything
 
 
 @dataclass
-class PhotoConfig(GuidedConfig):
-    """The calibrated mode's options (refinement, precision, ...) plus the camera-free ones."""
+class CameraFitConfig:
+    """The camera stage: PnP, then photometric + landmark refinement of pose and focal."""
 
-    image: str = option("", "photo file or folder of photos: camera-free mode (instead of --data_root/--sample_id)")
-    dino_checkpoint: str = option("pretrained_weights/dino_encoder.pth",
-                                  "DINO tracker checkpoint (optional: its points and pose initialise the head)")
-    template_landmarks: str = option("", "template landmark file (default: the one shipped in fastavatar/face/assets)")
     focal: float = option(0.0, "photo focal length in pixels when known (0: estimate it by PnP)")
     camera_steps: int = option(40, "camera refinement steps (pose + focal) against the photo, before W")
     camera_lr: float = option(2e-3, "camera refinement learning rate (radians / metres / log-focal units)")
     landmark_weight: float = option(1.0, "weight of the landmark reprojection term (per image height) in the camera stage")
+
+
+@dataclass
+class PhotoConfig:
+    """Camera-free mode of ``scripts/inference_feedforward_full_guidance.py`` (``--image``)."""
+
+    image: str = option("", "photo file or folder of photos (camera-free mode, instead of --data_root/--sample_id)")
+    encoder_checkpoint: str = option("pretrained_weights/encoder_neutral_flame.pth",
+                                     "W encoder checkpoint (optional: its W initialises the head)")
+    decoder_checkpoint: str = option("pretrained_weights/decoder_neutral_flame.pth", "decoder checkpoint (required)")
+    dino_checkpoint: str = option("pretrained_weights/dino_encoder.pth",
+                                  "DINO tracker checkpoint (optional: its points and pose initialise the head)")
+    insightface_root: str = option("", "insightface buffalo_l folder (for the encoder's W)")
+    template_landmarks: str = option("", "template landmark file (default: the one shipped in fastavatar/face/assets)")
+    camera: CameraFitConfig = option(CameraFitConfig(), "camera stage")
+    fit: FitConfig = option(FitConfig(), "W then hypernetwork refinement (official: 150 W steps, then 150 MLP steps)")
     per_gaussian: bool = option(True, "run the per-Gaussian stage after W and the hypernetwork")
     per_gaussian_steps: int = option(200, "per-Gaussian stage steps")
+    lpips_net: Literal["alex", "vgg"] = option("alex", "LPIPS trunk for the losses")
+    image_scale: float = option(1.0, "render size as a fraction of the training views' 550x802")
     ring_views: int = option(8, "novel views in ring.png (a +-60 degree arc around the head)")
     turntable_frames: int = option(36, "frames of turntable.gif (0: skip)")
+    output_dir: str = option("results/photo", "output folder (one subfolder per photo)")
+    device: str = option("auto", "auto, cpu or cuda")
+    seed: int = option(42, "random seed")
 
 
 class PhotoModeError(ValueError):
@@ -165,16 +181,17 @@ def refine_camera(splats: Splats, target: torch.Tensor, c2w: torch.Tensor, K: to
     log_focal = torch.zeros((), device=device, requires_grad=True)
     fixed = detach_splats(splats)
     losses: List[float] = []
-    if cfg.camera_steps <= 0:
+    cam_cfg, fit = cfg.camera, cfg.fit
+    if cam_cfg.camera_steps <= 0:
         return c2w, K, losses
     # metres and radians move the image by similar amounts at ~1 m: one learning rate for both
-    optimizer = torch.optim.Adam([rot, trans, log_focal], lr=cfg.camera_lr)
-    for _ in progress(range(cfg.camera_steps), show_progress, desc="fit camera", leave=False):
+    optimizer = torch.optim.Adam([rot, trans, log_focal], lr=cam_cfg.camera_lr)
+    for _ in progress(range(cam_cfg.camera_steps), show_progress, desc="fit camera", leave=False):
         c2w_i, K_i = camera_c2w_K(c2w, K, rot, trans, log_focal)
-        rgb = render_splats(fixed, c2w_i, K_i, width, height, backend=cfg.backend).rgb
-        parts = photometric_loss(rgb, target[None], cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, lpips_model)
+        rgb = render_splats(fixed, c2w_i, K_i, width, height, sh_degree=fit.sh_degree, backend=fit.render_backend).rgb
+        parts = photometric_loss(rgb, target[None], fit.l1_weight, fit.ssim_weight, fit.lpips_weight, lpips_model)
         lm = (project_points(landmarks_3d, c2w_i, K_i) - landmarks_2d).norm(dim=1).mean() / height
-        loss = parts["total"] + cfg.landmark_weight * lm
+        loss = parts["total"] + cam_cfg.landmark_weight * lm
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -184,30 +201,20 @@ def refine_camera(splats: Splats, target: torch.Tensor, c2w: torch.Tensor, K: to
     return c2w_f.detach(), K_f.detach(), losses
 
 
-def fit_config(cfg: GuidedConfig) -> FitConfig:
-    """The W-then-hypernetwork refinement settings, split like the calibrated mode (step 0 = initial decode)."""
-    half = max(cfg.max_epochs - 1, 0) // 2
-    return FitConfig(w_steps=half, mlp_steps=max(cfg.max_epochs - 1 - half, 0), w_lr=cfg.w_lr, mlp_lr=cfg.mlp_lr,
-                     l1_weight=cfg.l1_weight, ssim_weight=cfg.ssim_weight, lpips_weight=cfg.lpips_weight,
-                     scale_reg=cfg.scale_reg, pos_reg=cfg.pos_reg, grad_clip=cfg.grad_clip, backend=cfg.backend,
-                     precision=cfg.precision, keep_view_dependent=cfg.keep_view_dependent)
-
-
 def per_gaussian_stage(cfg: PhotoConfig, splats: Splats, image: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor,
                        width: int, height: int, template_points: torch.Tensor, lpips_model, show_progress: bool):
     """The per-Gaussian stage (helper module :mod:`fastavatar.inference.per_gaussian`) on the photo.
 
-    Its config comes from ``PerGaussianConfig`` defaults, with ``enabled``/``steps`` from this config
-    and any same-named field of ``cfg`` prefixed ``pg_`` (e.g. ``pg_position_bound``) overriding.
-    Returns (splats, seconds, note)."""
+    Its settings are ``PerGaussianConfig``'s defaults (the module's tuned weights) with the steps,
+    renderer and view-dependent-colour choice of this run. Returns (splats, seconds, note)."""
     if not cfg.per_gaussian or cfg.per_gaussian_steps <= 0:
         return splats, 0.0, "off"
     from fastavatar.inference.per_gaussian import PerGaussianConfig, refine_gaussians
 
-    overrides = {f.name: getattr(cfg, "pg_" + f.name) for f in dataclasses.fields(PerGaussianConfig)
-                 if hasattr(cfg, "pg_" + f.name)}
-    pg = PerGaussianConfig(**{**overrides, "enabled": True, "steps": cfg.per_gaussian_steps, "backend": cfg.backend,
-                              "keep_view_dependent": cfg.keep_view_dependent})
+    names = {f.name for f in dataclasses.fields(PerGaussianConfig)}
+    wanted = {"enabled": True, "steps": cfg.per_gaussian_steps, "backend": cfg.fit.render_backend,
+              "keep_view_dependent": cfg.fit.keep_view_dependent}
+    pg = PerGaussianConfig(**{k: v for k, v in wanted.items() if k in names})
     result = refine_gaussians(splats, image[None], c2w[None], K[None], width, height, pg,
                               template_points=template_points, lpips_model=lpips_model, show_progress=show_progress)
     return result.splats, result.seconds, f"{cfg.per_gaussian_steps} steps, {int(result.movable.sum())} movable"
@@ -242,12 +249,12 @@ def write_views(splats: Splats, c2w: torch.Tensor, K: torch.Tensor, width: int, 
     dev = splats["means"].device
     if cfg.ring_views > 0:
         poses = head_orbit(c2w, target, cfg.ring_views, 60.0)
-        tiles = [render_image(splats, p.to(dev), K, width, height, cfg.backend) for p in poses]
+        tiles = [render_image(splats, p.to(dev), K, width, height, cfg.fit.render_backend) for p in poses]
         atomic_save_image(out / "ring.png", np.concatenate(tiles, axis=1))
         written["ring"] = str(out / "ring.png")
     if cfg.turntable_frames > 0:
         poses = head_orbit(c2w, target, cfg.turntable_frames, 180.0)
-        frames = [render_image(splats, p.to(dev), K, width, height, cfg.backend) for p in poses]
+        frames = [render_image(splats, p.to(dev), K, width, height, cfg.fit.render_backend) for p in poses]
         path = out / "turntable.gif"
         with atomic_path(path, suffix=".gif") as tmp:
             imageio.mimsave(tmp, frames, format="GIF", duration=1.0 / 12, loop=0)
@@ -296,7 +303,7 @@ def reconstruct_photo(cfg: PhotoConfig, path: Path, decoder, w_vectors, face_sta
     X_all = template_landmarks.apply(init.points.detach().double().cpu()).numpy()
     h, w = image.rgb.shape[:2]
     try:
-        cam = estimate_camera(obs.landmarks[stable, :2], X_all[stable], w, h, focal=cfg.focal * image.scale or None)
+        cam = estimate_camera(obs.landmarks[stable, :2], X_all[stable], w, h, focal=cfg.camera.focal * image.scale or None)
     except ValueError as exc:
         raise PhotoModeError(f"{path}: {exc}") from None
     yaw, pitch, roll = yaw_pitch_roll_deg(cam.w2c)
@@ -325,7 +332,7 @@ def reconstruct_photo(cfg: PhotoConfig, path: Path, decoder, w_vectors, face_sta
 
     t = time.perf_counter()
     fit = fit_to_views(decoder, init.w, init.points, target[None], c2w[None], K[None], width, height,
-                       fit_config(cfg), lpips_model, show_progress=show_progress)
+                       cfg.fit, lpips_model, show_progress=show_progress)
     timings["w"] = fit.seconds.get("w", 0.0)
     timings["mlp"] = fit.seconds.get("mlp", 0.0)
     timings["w_and_mlp_total"] = time.perf_counter() - t
@@ -345,7 +352,7 @@ def reconstruct_photo(cfg: PhotoConfig, path: Path, decoder, w_vectors, face_sta
                "initialisation": {"w": init.w_source, "points": init.points_source,
                                   "camera": "PnP of the template landmarks"
                                             + (" (tracker pose as cross-check)" if tracker_check is not None else ""),
-                                  "focal": "given" if cfg.focal else "estimated (PnP focal sweep)"},
+                                  "focal": "given" if cfg.camera.focal else "estimated (PnP focal sweep)"},
                "camera": camera, "per_gaussian": pg_note,
                "losses": {"camera_first_last": cam_losses[:1] + cam_losses[-1:],
                           "fit_first_last": fit.losses[:1] + fit.losses[-1:]},
@@ -363,8 +370,8 @@ def reconstruct_photo(cfg: PhotoConfig, path: Path, decoder, w_vectors, face_sta
         np.save(out / "w_initial.npy", init.w.cpu().numpy())
         np.save(out / "w_final.npy", fit.w.cpu().numpy())
         side = [(framed.composite * 255 + 0.5).astype(np.uint8),
-                render_image(initial, c2w, K, width, height, cfg.backend),
-                render_image(final, c2w, K, width, height, cfg.backend)]
+                render_image(initial, c2w, K, width, height, cfg.fit.render_backend),
+                render_image(final, c2w, K, width, height, cfg.fit.render_backend)]
         atomic_save_image(out / "input_vs_render.png", np.concatenate(side, axis=1))
         summary["outputs"] = write_views(final, c2w, K, width, height, out, cfg)
         atomic_write_json(out / "camera.json", camera)
@@ -388,7 +395,7 @@ def photo_paths(image: str) -> List[Path]:
     return [path]
 
 
-def load_photo_decoder(cfg: GuidedConfig, device):
+def load_photo_decoder(cfg: PhotoConfig, device):
     """(decoder, w_vectors); a missing file is a one-line error naming it and where it goes."""
     from fastavatar.io.checkpoints import load_decoder
 
