@@ -167,12 +167,14 @@ def run_photo_protocol(cfg: PhotoProtocolConfig, show_progress: bool = True) -> 
         moved = _with_cameras(parser, cameras_into_source_frame(parser.c2w.double().numpy(), s, R, t))
         photo_scores = evaluate_reconstruction(rec.splats, moved, sub_dir / "photo" / "scored", [view], lpips_model,
                                                pc.fit.render_backend, device)["unseen"]
+        before_pg = evaluate_reconstruction(rec.fit_splats, moved, None, [view], lpips_model, pc.fit.render_backend,
+                                            device)["unseen"]
         true_R = parser.c2w[view].double().numpy()[:3, :3]
         pnp_err = rotation_error_deg(R @ rec.pnp_c2w[:3, :3], true_R)
         refined_err = rotation_error_deg(R @ rec.c2w.double().cpu().numpy()[:3, :3], true_R)
         identity = identity_scores(photo_path, rec.splats, rec.c2w, rec.K, rec.width, rec.height,
                                    pc.fit.render_backend, pc.insightface_root, device)
-        row = {"subject": sid, "photo": photo_scores, "pnp_rotation_error_deg": pnp_err,
+        row = {"subject": sid, "photo": photo_scores, "photo_before_per_gaussian": before_pg, "pnp_rotation_error_deg": pnp_err,
                "refined_rotation_error_deg": refined_err, "alignment": {"scale": s, "rmse_m": aligned_rmse},
                "identity": identity, "photo_seconds": rec.summary["timings_s"],
                "initialisation": rec.summary["initialisation"], "decoder": decoder_path}
@@ -199,7 +201,7 @@ def run_photo_protocol(cfg: PhotoProtocolConfig, show_progress: bool = True) -> 
               f"(refined {refined_err:.1f}); identity {id_line}")
         rows.append(row)
         atomic_write_json(sub_dir / "photo_row.json", row)
-    keys = ["template", "photo"] + (["calibrated_fit"] if cfg.calibrated_baseline else [])
+    keys = ["template", "photo_before_per_gaussian", "photo"] + (["calibrated_fit"] if cfg.calibrated_baseline else [])
     overall = {k: mean_metrics([r[k] for r in rows]) for k in keys}
     table = {"subjects": rows, "overall": overall, "input_view": cfg.input_view, "image_scale": pc.image_scale,
              "loo_decoders": cfg.loo_decoders, "lpips": lpips_model is not None, "device": str(device)}
@@ -221,14 +223,16 @@ def photo_table_markdown(table: dict) -> str:
             return "absent"
         return " / ".join(f"{v:.2f}" if isinstance(v, float) else "no face" for v in cos.values())
 
-    lines = ["| held-out subject | template | calibrated fit | **photo mode** | PnP rot. err (°) | refined (°) | "
-             "photo→splats (s) | ArcFace 0/−30/+30° |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| held-out subject | template | calibrated fit | photo, W+MLP | **photo mode** | PnP rot. err (°) | "
+             "refined (°) | photo→splats (s) | ArcFace 0/−30/+30° |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table["subjects"]:
-        lines.append(f"| {r['subject']} | {cell(r['template'])} | {cell(r.get('calibrated_fit'))} | {cell(r['photo'])} | "
+        lines.append(f"| {r['subject']} | {cell(r['template'])} | {cell(r.get('calibrated_fit'))} | "
+                     f"{cell(r['photo_before_per_gaussian'])} | {cell(r['photo'])} | "
                      f"{r['pnp_rotation_error_deg']:.1f} | {r['refined_rotation_error_deg']:.1f} | "
                      f"{r['photo_seconds']['photo_to_splats']:.1f} | {ident(r)} |")
     o = table["overall"]
-    lines.append(f"| **mean** | {cell(o['template'])} | {cell(o.get('calibrated_fit'))} | {cell(o['photo'])} | | | | |")
+    lines.append(f"| **mean** | {cell(o['template'])} | {cell(o.get('calibrated_fit'))} | "
+                 f"{cell(o['photo_before_per_gaussian'])} | {cell(o['photo'])} | | | | |")
     return ("Photo mode, leave one subject out: PSNR (dB) / SSIM / LPIPS on the 15 views not used as the photo "
             f"(photo = view {table['input_view']}, image scale {table['image_scale']}, device {table['device']})\n\n"
             + "\n".join(lines) + "\n")

@@ -269,6 +269,7 @@ class PhotoReconstruction:
 
     splats: Splats  # final raw splats (template/tracker frame)
     initial_splats: Splats
+    fit_splats: Splats  # after the camera, W and hypernetwork stages (before the per-Gaussian stage)
     c2w: torch.Tensor  # [4,4] refined camera of the framed photo
     K: torch.Tensor  # [3,3]
     pnp_c2w: np.ndarray  # [4,4] camera straight from PnP (before photometric refinement)
@@ -377,7 +378,7 @@ def reconstruct_photo(cfg: PhotoConfig, path: Path, decoder, w_vectors, face_sta
         atomic_write_json(out / "camera.json", camera)
         timings["outputs"] = time.perf_counter() - t
         atomic_write_json(out / "summary.json", summary)
-    return PhotoReconstruction(splats=final, initial_splats=initial, c2w=c2w, K=K, pnp_c2w=cam.c2w, framed=framed,
+    return PhotoReconstruction(splats=final, initial_splats=initial, fit_splats=fit.splats, c2w=c2w, K=K, pnp_c2w=cam.c2w, framed=framed,
                                width=width, height=height, summary=summary)
 
 
