@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Benchmark photo -> splats of the camera-free mode with the given decoder and an official-size one; prints JSON.
+
+    python scripts/benchmark_photo.py --image data/nersemble/128/images/00000_08.png \\
+        --decoder_checkpoint outputs/loo/128/decoder_run/checkpoints/latest.pth --image_scale 0.25 \\
+        --camera_steps 20 --w_steps 60 --mlp_steps 60 --per_gaussian_steps 100 --w_lr 1e-2 --mlp_lr 1e-3
+"""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    from fastavatar.bench.photo import benchmark_photo
+    from fastavatar.config import parse_config
+    from fastavatar.inference.photo import PhotoConfig
+
+    cfg = parse_config(PhotoConfig, argv, description=__doc__)
+    try:
+        print(json.dumps(benchmark_photo(cfg), indent=1))
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
