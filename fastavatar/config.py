@@ -1,10 +1,20 @@
 """Typed dataclass configs -> argparse, with YAML defaults and a saved resolved config.
 
 Precedence (lowest to highest): dataclass defaults < ``--config file.yaml`` < explicit CLI flags.
-Every dataclass field becomes a ``--field_name`` flag whose help text is the field's comment
-(given as ``field(metadata={"help": ...})`` or via :func:`option`). Booleans are
-``--flag/--no-flag`` (never ``type=bool``). Lists take several values (``--subjects 306 369``).
-The resolved config is written to ``<run_dir>/config.yaml`` (plain YAML, no pickled classes).
+
+- Every field becomes a ``--field_name`` flag whose help text is the field's comment (given as
+  ``field(metadata={"help": ...})`` or via :func:`option`). Booleans are ``--flag/--no-flag``
+  (never ``type=bool``); lists take several values (``--subjects 306 369``); ``Literal`` fields
+  accept only their choices. Prefix abbreviations are refused (``allow_abbrev=False``): a
+  shortened flag is an error, never silently another option.
+- A field whose type is a dataclass nests a config (``fit: FitConfig`` in ``GuidedConfig``). Its
+  fields are flags of their own name (``--w_lr``; a name used twice in one tree is an error when
+  the parser is built). In YAML a nested config is a mapping under its field name (as saved), or
+  its fields are given by their flag names at the top level.
+- A field without a default is required (``option(help=...)`` with no default; the dataclass is
+  then ``kw_only``); ``option(..., positional=True)`` makes it a positional argument.
+- YAML files list only what they change; the resolved config is written to
+  ``<run_dir>/config.yaml`` (plain, nested YAML, no pickled classes).
 """
 
 from __future__ import annotations
@@ -20,12 +30,17 @@ import yaml
 T = TypeVar("T")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:  # noqa: A002
-    """A dataclass field with a help string (mutable defaults are copied per instance)."""
+def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, **kwargs) -> Any:  # noqa: A002
+    """A dataclass field with a help string (mutable defaults are copied per instance; a
+    dataclass default is copied too). No default: a required option."""
+    metadata = {"help": help, "positional": positional}
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):
+        value = default
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(value), metadata=metadata, **kwargs)
     if isinstance(default, (list, dict, tuple)) and not isinstance(default, str):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def _unwrap_optional(tp):
@@ -34,6 +49,10 @@ def _unwrap_optional(tp):
         if len(args) == 1:
             return args[0], True
     return tp, False
+
+
+def _is_config(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _scalar_parser(tp):
@@ -57,47 +76,152 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {text!r}")
 
 
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def flag_paths(config_cls: Type) -> Dict[str, str]:
+    """Flag name -> dotted field path for every leaf field of ``config_cls`` (nested included)."""
+    out: Dict[str, str] = {}
+
+    def walk(cls, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp, _ = _unwrap_optional(hints[f.name])
+            if _is_config(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            if f.name in out:
+                raise TypeError(f"{config_cls.__name__}: option name {f.name!r} is used by {out[f.name]!r} "
+                                f"and {prefix}{f.name!r}; nested configs need distinct names")
+            out[f.name] = f"{prefix}{f.name}"
+
+    walk(config_cls, "")
+    return out
+
+
+def _field_of(config_cls: Type, path: str):
+    """(dataclass field, its unwrapped type) at dotted ``path``."""
+    cls = config_cls
+    *parents, leaf = path.split(".")
+    for name in parents:
+        cls = _unwrap_optional(typing.get_type_hints(cls)[name])[0]
+    f = {x.name: x for x in dataclasses.fields(cls)}[leaf]
+    return f, _unwrap_optional(typing.get_type_hints(cls)[leaf])[0]
+
+
 def build_parser(config_cls: Type[T], description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """argparse parser with one flag per leaf field of ``config_cls`` (``dest`` = dotted path)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of defaults (CLI flags win)")
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        tp, _ = _unwrap_optional(hints[f.name])
+    for name, path in flag_paths(config_cls).items():
+        f, tp = _field_of(config_cls, path)
+        default = _default_of(f)
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        kwargs: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"{help_text} (default: {default})"}
+        required = default is dataclasses.MISSING
+        kwargs: Dict[str, Any] = {"help": help_text + ("" if required else f" (default: {default})")}
+        if f.metadata.get("positional"):
+            kwargs.update(nargs=None if required else "?", default=argparse.SUPPRESS)
+            parser.add_argument(path, metavar=name.upper(), type=_scalar_parser(tp), **kwargs)
+            continue
+        kwargs["default"] = argparse.SUPPRESS
+        if required:
+            kwargs["required"] = True
+        flag = f"--{name}"
+        if "." in path and typing.get_origin(tp) is not typing.Literal:
+            kwargs["metavar"] = name.upper()
         if tp is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kwargs)
+            kwargs.pop("metavar", None)
+            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         origin = typing.get_origin(tp)
         if origin in (list, List, tuple, Sequence):
             (item_tp,) = typing.get_args(tp)[:1] or (str,)
-            parser.add_argument(f"--{f.name}", nargs="*", type=_scalar_parser(item_tp), **kwargs)
+            if typing.get_origin(item_tp) is typing.Literal:
+                kwargs["choices"] = list(typing.get_args(item_tp))
+            parser.add_argument(flag, dest=path, nargs="*", type=_scalar_parser(item_tp), **kwargs)
             continue
         if origin is typing.Literal:
             kwargs["choices"] = list(typing.get_args(tp))
-        parser.add_argument(f"--{f.name}", type=_scalar_parser(tp), **kwargs)
+        parser.add_argument(flag, dest=path, type=_scalar_parser(tp), **kwargs)
     return parser
 
 
-def config_from_dict(config_cls: Type[T], values: Dict[str, Any], source: str = "config") -> T:
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(values) - names)
+def _nest(config_cls: Type, values: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """``values`` with nested mappings, dotted keys or flag names -> a nested dict (unknown keys: error)."""
+    flags = flag_paths(config_cls)
+    types = {f.name: _unwrap_optional(typing.get_type_hints(config_cls)[f.name])[0] for f in dataclasses.fields(config_cls)}
+    flat: Dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        if key in types and _is_config(types[key]):
+            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                value = config_to_dict(value)
+            if not isinstance(value, dict):
+                raise ValueError(f"{source}: {key} must be a mapping of {types[key].__name__} options")
+            for sub_path, sub_value in _flatten(_nest(types[key], value, f"{source}: {key}")).items():
+                flat[f"{key}.{sub_path}"] = sub_value
+        elif key in types:
+            flat[key] = value
+        elif key in flags:
+            flat[flags[key]] = value
+        elif key in flags.values():
+            flat[key] = value
+        else:
+            unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: unknown config keys {unknown} for {config_cls.__name__}")
+        raise ValueError(f"{source}: unknown config keys {sorted(unknown)} for {config_cls.__name__}")
+    out: Dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
+
+
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dict -> dotted keys (only nested configs are dicts here)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_from_dict(config_cls: Type[T], values: Dict[str, Any], source: str = "config") -> T:
+    """Build ``config_cls`` from plain values (nested mappings, dotted keys or flag names).
+
+    Paths become :class:`~pathlib.Path`, ``Literal`` values are checked; missing required fields
+    and unknown keys are one-line ``ValueError``s naming ``source``."""
+    nested = _nest(config_cls, dict(values), source)
     hints = typing.get_type_hints(config_cls)
     converted = {}
-    for key, value in values.items():
-        tp, optional = _unwrap_optional(hints[key])
-        if value is None and optional:
-            converted[key] = None
+    for f in dataclasses.fields(config_cls):
+        tp, optional = _unwrap_optional(hints[f.name])
+        if f.name not in nested:
+            if _default_of(f) is dataclasses.MISSING:
+                raise ValueError(f"{source}: {f.name} is required")
+            continue
+        value = nested[f.name]
+        if _is_config(tp):
+            converted[f.name] = value if isinstance(value, tp) else config_from_dict(tp, value, source)
+        elif value is None and optional:
+            converted[f.name] = None
         elif tp is Path and value is not None:
-            converted[key] = Path(value)
+            converted[f.name] = Path(value)
         elif typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
-            raise ValueError(f"{source}: {key}={value!r} must be one of {typing.get_args(tp)}")
+            raise ValueError(f"{source}: {f.name}={value!r} must be one of {typing.get_args(tp)}")
         else:
-            converted[key] = value
+            converted[f.name] = value
     return config_cls(**converted)
 
 
@@ -114,25 +238,33 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     return data
 
 
+def merge_values(config_cls: Type, base: Dict[str, Any], override: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """``override`` on top of ``base`` (both in any form :func:`config_from_dict` accepts), as
+    dotted keys."""
+    merged = _flatten(_nest(config_cls, base, source))
+    merged.update(_flatten(_nest(config_cls, override, "command line")))
+    return merged
+
+
 def parse_config(config_cls: Type[T], argv: Optional[Sequence[str]] = None, description: str = "",
                  default_yaml: Optional[Path] = None) -> T:
     """Parse ``argv`` into a ``config_cls`` instance (see module doc for precedence)."""
     parser = build_parser(config_cls, description)
     args = vars(parser.parse_args(argv))
     yaml_path = args.pop("config", None) or default_yaml
-    values: Dict[str, Any] = {}
-    if yaml_path is not None:
-        values.update(load_yaml(yaml_path))
-    values.update(args)
+    base = load_yaml(yaml_path) if yaml_path is not None else {}
+    values = merge_values(config_cls, base, args, str(yaml_path or "command line"))
     return config_from_dict(config_cls, values, source=str(yaml_path or "command line"))
 
 
 def config_to_dict(cfg: Any) -> Dict[str, Any]:
-    """Plain, YAML/JSON-safe dict of a dataclass config."""
+    """Plain, YAML/JSON-safe (nested) dict of a dataclass config."""
     out = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        if isinstance(value, Path):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            value = config_to_dict(value)
+        elif isinstance(value, Path):
             value = str(value)
         elif isinstance(value, tuple):
             value = list(value)
@@ -142,7 +274,7 @@ def config_to_dict(cfg: Any) -> Dict[str, Any]:
 
 def save_config(cfg: Any, run_dir: Path, name: str = "config.yaml") -> Path:
     """Write the resolved config to ``run_dir/name`` atomically; returns the path."""
-    from fastavatar.utils.io import atomic_write_text
+    from fastavatar.io.atomic import atomic_write_text
 
     path = Path(run_dir) / name
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -1,4 +1,7 @@
-"""Photometric losses and LPIPS loading (offline-safe).
+"""Training and fitting objectives: photometric losses, LPIPS loading (offline-safe), the
+decoder's delta regularisers and the tracker's point/pose losses.
+
+A leaf module (torch only): trainers, refinement and metrics all import it downward.
 
 Images are [B, H, W, 3] float in 0..1 throughout (channels last, as renders come out).
 LPIPS is fed [-1, 1] (``normalize=True``); the original fed [0, 1] (spec §8.2 bug 2).
@@ -8,9 +11,10 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Literal, Mapping, Optional
 
 import torch
+import torch.nn.functional as F
 
 LPIPS_TRUNK_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
 _LPIPS_CACHE: Dict[str, object] = {}
@@ -121,3 +125,40 @@ def delta_regularisers(raw_deltas: Dict[str, torch.Tensor], scale_reg: float, po
     if pos_reg > 0:
         out["pos_reg"] = pos_reg * raw_deltas["means"].abs().mean()
     return out
+
+
+# ---------------------------------------------------------------------------- tracker
+def tracker_loss(
+    pred: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    points_loss: Literal["mse", "l1"] = "mse",
+    rotation_loss: Literal["geodesic", "mse"] = "geodesic",
+    weights: Optional[Mapping[str, float]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Released ``EncoderWithLoss`` losses. target: ``points [B,N,3]``, ``rotation_matrix [B,3,3]``,
+    ``translation [B,3]``. Returns ``points``, ``rotation``, ``translation``, ``total``
+    (weighted sum; default weights 1.0)."""
+    w = {"points": 1.0, "rotation": 1.0, "translation": 1.0, **(weights or {})}
+    if points_loss == "mse":
+        lp = F.mse_loss(pred["points"], target["points"])
+    elif points_loss == "l1":
+        lp = F.l1_loss(pred["points"], target["points"])
+    else:
+        raise ValueError(f"unknown points_loss {points_loss!r}")
+    r_pred, r_gt = pred["rotation_matrix"], target["rotation_matrix"]
+    if rotation_loss == "geodesic":
+        lr = geodesic_angle(r_pred, r_gt).mean()
+    elif rotation_loss == "mse":
+        lr = F.mse_loss(r_pred, r_gt)
+    else:
+        raise ValueError(f"unknown rotation_loss {rotation_loss!r}")
+    lt = F.mse_loss(pred["translation"], target["translation"])
+    total = w["points"] * lp + w["rotation"] * lr + w["translation"] * lt
+    return {"points": lp, "rotation": lr, "translation": lt, "total": total}
+
+
+def geodesic_angle(r_pred: torch.Tensor, r_gt: torch.Tensor) -> torch.Tensor:
+    """[B,3,3] x2 -> [B] angle (rad) acos((tr(R_pred R_gt^T) - 1)/2), trace clamped to [-1+1e-6, 3-1e-6]."""
+    tr = (r_pred * r_gt).sum(dim=(-2, -1))  # = trace(R_pred R_gt^T)
+    tr = tr.clamp(-1.0 + 1e-6, 3.0 - 1e-6)
+    return torch.acos((tr - 1.0) / 2.0)

@@ -43,8 +43,8 @@ def main(argv=None) -> int:
 
     from fastavatar.animate import AnimateConfig, DemoConfig, demo_sequence, load_flame_sequence, load_rig, render_sequence
     from fastavatar.animate.sequence import resolve_cameras
-    from fastavatar.ply import load_ply
-    from fastavatar.utils.io import atomic_write_json
+    from fastavatar.io.ply import load_ply
+    from fastavatar.io.atomic import atomic_write_json
 
     splats = load_ply(args.splats)
     rig = load_rig(args.rig or args.splats.with_name("rig.npz"), num_gaussians=splats["means"].shape[0])

@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        from fastavatar.utils.io import atomic_write_json
+        from fastavatar.io.atomic import atomic_write_json
 
         atomic_write_json(args.output, result)
     return 0

@@ -6,11 +6,8 @@ absent (the JSON says so). Example: python scripts/benchmark_inference.py --devi
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastavatar.inference.feedforward import benchmark_main  # noqa: E402
+from fastavatar.bench.inference import benchmark_main
 
 if __name__ == "__main__":
     sys.exit(benchmark_main())

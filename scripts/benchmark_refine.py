@@ -25,10 +25,10 @@ import torch  # noqa: E402
 
 def build_decoder(args, points_parser):
     from fastavatar.models.decoder import DecoderConfig, GaussianDecoder
-    from fastavatar.template import initial_splats
+    from fastavatar.train.template import initial_splats
 
     if args.decoder_checkpoint:
-        from fastavatar.checkpoints import load_decoder
+        from fastavatar.io.checkpoints import load_decoder
 
         decoder, w_vectors, _ = load_decoder(args.decoder_checkpoint)
         return decoder, w_vectors, "checkpoint"
@@ -41,12 +41,12 @@ def build_decoder(args, points_parser):
 
 
 def time_phase(decoder, w0, points, image, c2w, K, width, height, steps, phase, device, backend, precision):
-    from fastavatar.fit import FitConfig, fit_to_views
+    from fastavatar.inference.refine import FitConfig, fit_to_views
 
     cfg = FitConfig(w_steps=steps if phase == "w" else 0, mlp_steps=steps if phase == "mlp" else 0,
-                    lpips_weight=0.0, backend=backend, precision=precision)
+                    lpips_weight=0.0, render_backend=backend, precision=precision)
     fit_to_views(decoder, w0, points, image, c2w, K, width, height,
-                 FitConfig(w_steps=1, mlp_steps=1, lpips_weight=0.0, backend=backend, precision=precision),
+                 FitConfig(w_steps=1, mlp_steps=1, lpips_weight=0.0, render_backend=backend, precision=precision),
                  show_progress=False)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -59,8 +59,8 @@ def time_phase(decoder, w0, points, image, c2w, K, width, height, steps, phase, 
 
 def main(argv=None) -> int:
     from fastavatar.data import SubjectParser
-    from fastavatar.fit import FitConfig, fit_to_views, mean_w, use_bf16
-    from fastavatar.train.common import resolve_device
+    from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w, use_bf16
+    from fastavatar.runtime import resolve_device
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data_root", default="data/nersemble")
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decoder_checkpoint", default="")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--backend", default="auto")
-    ap.add_argument("--precision", default="auto", help="fp32, bf16 or auto (see fastavatar.fit.FitConfig)")
+    ap.add_argument("--precision", default="auto", help="fp32, bf16 or auto (see fastavatar.inference.refine.FitConfig)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = ap.parse_args(argv)
     if args.threads:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
         if args.full:
             t0 = time.perf_counter()
             fit_to_views(decoder, w0, points, image, c2w, K, parser.width, parser.height,
-                         FitConfig(w_steps=150, mlp_steps=150, lpips_weight=0.0, backend=args.backend,
+                         FitConfig(w_steps=150, mlp_steps=150, lpips_weight=0.0, render_backend=args.backend,
                                    precision=args.precision),
                          show_progress=False)
             if device.type == "cuda":

@@ -22,9 +22,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastavatar.cameras import c2w_to_w2c  # noqa: E402
+from fastavatar.core.cameras import c2w_to_w2c  # noqa: E402
 from fastavatar.render import rasterize  # noqa: E402
-from fastavatar.splats import activate  # noqa: E402
+from fastavatar.core.splats import activate  # noqa: E402
 
 
 def load_scene(subject_dir: Path, image_name: str, scale: float):

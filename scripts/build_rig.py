@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from fastavatar.data import SubjectParser
     from fastavatar.flame import load_flame_model, params_from_npz
     from fastavatar.flame.points import compare_centres
-    from fastavatar.ply import load_ply
+    from fastavatar.io.ply import load_ply
 
     subject_dir = args.subject_dir or args.data_root / args.sample_id
     parser = SubjectParser(subject_dir, expected_points=None)

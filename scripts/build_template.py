@@ -14,9 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.config import option, parse_config  # noqa: E402
 from fastavatar.data import SubjectParser, discover_subjects  # noqa: E402
-from fastavatar.ply import save_ply  # noqa: E402
-from fastavatar.template import TemplateFitConfig, build_template  # noqa: E402
-from fastavatar.train.common import resolve_device  # noqa: E402
+from fastavatar.io.ply import save_ply  # noqa: E402
+from fastavatar.train.template import TemplateFitConfig, build_template  # noqa: E402
+from fastavatar.runtime import resolve_device  # noqa: E402
 
 
 @dataclass

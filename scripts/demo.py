@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.config import parse_config  # noqa: E402
-from fastavatar.demo import DemoConfig, run_demo  # noqa: E402
+from fastavatar.apps.demo import DemoConfig, run_demo  # noqa: E402
 
 
 def main(argv=None) -> int:

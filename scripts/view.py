@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from fastavatar.animate.rig import load_rig
-    from fastavatar.ply import load_ply
-    from fastavatar.viewer import ViewerConfig, locate_rig, serve
+    from fastavatar.io.ply import load_ply
+    from fastavatar.apps.viewer import ViewerConfig, locate_rig, serve
 
     splats = load_ply(args.path)
     rig_path = None if args.no_rig else locate_rig(args.path, args.rig)

@@ -79,7 +79,7 @@ def random_decoder_state(n: int = 64, seed: int = 0) -> Dict[str, torch.Tensor]:
 
 
 def random_template(n: int = 64, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """A raw splats dict (fastavatar.splats keys) with N Gaussians."""
+    """A raw splats dict (fastavatar.core.splats keys) with N Gaussians."""
     g = torch.Generator().manual_seed(seed)
     return {
         "means": torch.randn(n, 3, generator=g) * 0.1,

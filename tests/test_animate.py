@@ -26,11 +26,11 @@ from fastavatar.animate import (
     save_rig,
 )
 from fastavatar.animate.binding import sh_basis_rest
-from fastavatar.cameras import look_at_c2w
+from fastavatar.core.cameras import look_at_c2w
 from fastavatar.flame import flame_forward
 from fastavatar.flame.points import triangle_centres
 from fastavatar.render import render_splats
-from fastavatar.rotations import matrix_to_quat, quat_multiply, quat_to_matrix
+from fastavatar.core.rotations import matrix_to_quat, quat_multiply, quat_to_matrix
 from flame_fixtures import make_tiny_flame, random_params, save_tiny_flame_npz, splats_on_mesh
 
 W, H = 40, 48
@@ -289,7 +289,7 @@ def test_build_rig_and_animate_scripts(tmp_path, data_root):
     """End to end on sample subject 306 with the tiny model (its centres do not match: nearest binding)."""
     import importlib.util
 
-    from fastavatar.ply import save_ply
+    from fastavatar.io.ply import save_ply
 
     root = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from fastavatar.cameras import axis_angle_to_matrix, c2w_to_w2c, look_at_c2w, opengl_to_opencv_c2w, orbit_cameras
+from fastavatar.core.cameras import axis_angle_to_matrix, c2w_to_w2c, look_at_c2w, opengl_to_opencv_c2w, orbit_cameras
 
 
 def test_w2c_inverse():

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from fastavatar.checkpoints import (
+from fastavatar.io.checkpoints import (
     DECODER_FORMAT,
     PickledStandIn,
     checkpoint_config,

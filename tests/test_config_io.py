@@ -1,12 +1,12 @@
 import dataclasses
-from typing import List
+from typing import List, Literal
 
 import pytest
 import torch
 import yaml
 
 from fastavatar.config import config_from_dict, option, parse_config, save_config
-from fastavatar.utils.io import atomic_path, atomic_torch_save, atomic_write_json
+from fastavatar.io.atomic import atomic_path, atomic_torch_save, atomic_write_json
 
 
 @dataclasses.dataclass
@@ -57,14 +57,53 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     assert (tmp_path / "x.json").read_text().strip().startswith("{")
 
 
-def test_bundled_yaml_configs_load_into_their_dataclasses(repo_root):
-    from fastavatar.config import load_yaml
-    from fastavatar.demo import DemoConfig
-    from fastavatar.guided import GuidedConfig
+def test_bundled_yaml_configs_list_only_what_they_change(repo_root):
+    """Every configs/*.yaml loads into its dataclass and each key it sets differs from the default."""
+    from fastavatar.config import config_to_dict, flag_paths, load_yaml
     from fastavatar.train.decoder import DecoderTrainConfig
 
-    for name, cls in {"decoder.yaml": DecoderTrainConfig, "decoder_cpu_small.yaml": DecoderTrainConfig,
-                      "demo.yaml": DemoConfig, "guided.yaml": GuidedConfig}.items():
-        cfg = config_from_dict(cls, load_yaml(repo_root / "configs" / name), source=name)
-        assert isinstance(cfg, cls)
-    assert config_from_dict(DecoderTrainConfig, load_yaml(repo_root / "configs" / "decoder.yaml")).mlp_lr == 1e-4
+    owners = {"decoder_cpu_small.yaml": DecoderTrainConfig}
+    files = sorted(p.name for p in (repo_root / "configs").glob("*.yaml"))
+    assert files == sorted(owners), f"register new config files here: {files}"
+    for name, cls in owners.items():
+        values = load_yaml(repo_root / "configs" / name)
+        cfg = config_from_dict(cls, values, source=name)
+        defaults, paths = config_to_dict(cls()), flag_paths(cls)
+        for key, value in values.items():
+            node = defaults
+            for part in paths[key].split("."):
+                node = node[part]
+            assert node != value, f"{name}: {key}: {value!r} is the default; list only what changes"
+    assert cfg.hidden_dim == 128 and cfg.mlp_lr == 1e-3 and cfg.output_dir == "runs/decoder_cpu"
+
+
+@dataclasses.dataclass
+class Inner:
+    w_lr: float = option(1e-4, "inner learning rate")
+    mode: Literal["a", "b"] = option("a", "a choice")
+
+
+@dataclasses.dataclass
+class Outer:
+    fit: Inner = option(Inner(), "a nested config")
+    name: str = option("run", "run name")
+
+
+def test_nested_config_flags_yaml_and_saved_form(tmp_path):
+    cfg = parse_config(Outer, ["--w_lr", "0.5", "--mode", "b"])
+    assert cfg.fit == Inner(w_lr=0.5, mode="b") and cfg.name == "run"
+    (tmp_path / "nested.yaml").write_text("fit:\n  w_lr: 2.0\nname: y\n")
+    (tmp_path / "flat.yaml").write_text("w_lr: 3.0\n")
+    assert parse_config(Outer, ["--config", str(tmp_path / "nested.yaml")]).fit.w_lr == 2.0
+    assert parse_config(Outer, ["--config", str(tmp_path / "flat.yaml"), "--w_lr", "4"]).fit.w_lr == 4.0
+    saved = yaml.safe_load(save_config(Outer(fit=Inner(mode="b")), tmp_path).read_text())
+    assert saved == {"fit": {"w_lr": 1e-4, "mode": "b"}, "name": "run"}
+    assert config_from_dict(Outer, saved) == Outer(fit=Inner(mode="b"))
+    with pytest.raises(ValueError, match=r"mode='c' must be one of"):
+        config_from_dict(Outer, {"fit": {"mode": "c"}})
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--na", "x"])  # would be --name with argparse's default prefix matching
+    assert "unrecognized arguments: --na" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import shutil
 import pytest
 import torch
 
-from fastavatar.cameras import c2w_to_w2c
+from fastavatar.core.cameras import c2w_to_w2c
 from fastavatar.data import MultiViewDataset, SubjectDataError, SubjectParser, discover_subjects, subject_id_from_dir
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fastavatar.models.decoder import DecoderConfig, GaussianDecoder, infer_decoder_config
-from fastavatar.splats import validate_splats
+from fastavatar.core.splats import validate_splats
 from official_layout import OFFICIAL_N, official_shapes, random_decoder_state, random_template
 
 N = 64

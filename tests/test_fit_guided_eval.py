@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastavatar.checkpoints import save_decoder_checkpoint
+from fastavatar.io.checkpoints import save_decoder_checkpoint
 from fastavatar.data import SubjectParser
-from fastavatar.fit import FitConfig, fit_to_views, mean_w
-from fastavatar.guided import GuidedConfig, run_guided
+from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
+from fastavatar.inference.guided import GuidedConfig, run_guided
 from fastavatar.models.decoder import DecoderConfig, GaussianDecoder
-from fastavatar.ply import load_ply, save_ply
-from fastavatar.template import TemplateFitConfig, average_splats, fit_subject, initial_splats, knn_mean_distance
+from fastavatar.io.ply import load_ply, save_ply
+from fastavatar.train.template import TemplateFitConfig, average_splats, fit_subject, initial_splats, knn_mean_distance
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_knn_distance_matches_brute_force():
 def test_initial_splats_take_colours_from_images(parser306):
     splats = initial_splats(parser306)
     assert splats["means"].shape == (10144, 3) and torch.equal(splats["means"], parser306.points)
-    from fastavatar.splats import sh0_to_rgb
+    from fastavatar.core.splats import sh0_to_rgb
 
     rgb = sh0_to_rgb(splats["sh0"][:, 0])
     assert rgb.std() > 0.05  # not a flat grey: the face has varied colours
@@ -58,7 +58,7 @@ def test_template_fit_lowers_loss_and_average_is_consistent(parser306):
     from fastavatar.losses import l1_loss
     from fastavatar.render import render_splats
 
-    cfg = TemplateFitConfig(iterations=25, views_per_step=2, backend="torch")
+    cfg = TemplateFitConfig(iterations=25, views_per_step=2, render_backend="torch")
     init = initial_splats(parser306)
     fitted = fit_subject(parser306, cfg, show_progress=False)
     target = parser306.load_image(5)[None]
@@ -77,13 +77,13 @@ def test_template_fit_lowers_loss_and_average_is_consistent(parser306):
 
 
 def test_fit_to_one_view_improves_it_and_keeps_decoder_untouched(tiny_decoder_ckpt, parser306):
-    from fastavatar.checkpoints import load_decoder
+    from fastavatar.io.checkpoints import load_decoder
 
     decoder, w_vectors, _ = load_decoder(tiny_decoder_ckpt)
     before = {k: v.clone() for k, v in decoder.state_dict().items()}
     view = 8
     image = parser306.load_image(view)[None]
-    cfg = FitConfig(w_steps=8, mlp_steps=8, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0, scale_reg=0.01, backend="torch")
+    cfg = FitConfig(w_steps=8, mlp_steps=8, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0, scale_reg=0.01, render_backend="torch")
     result = fit_to_views(decoder, mean_w(w_vectors), parser306.points, image, parser306.c2w[view:view + 1],
                           parser306.Ks[view:view + 1], parser306.width, parser306.height, cfg, show_progress=False)
     assert len(result.losses) == 16 and result.losses[-1] < result.losses[0]
@@ -107,9 +107,10 @@ def test_fit_to_one_view_improves_it_and_keeps_decoder_untouched(tiny_decoder_ck
 
 def test_guided_run_writes_all_outputs(tmp_path, tiny_decoder_ckpt, data_root):
     cfg = GuidedConfig(data_root=str(data_root), sample_id="306", decoder_checkpoint=str(tiny_decoder_ckpt),
-                       encoder_checkpoint=str(tmp_path / "absent.pth"), max_epochs=5, w_lr=1e-2, mlp_lr=1e-3,
-                       lpips_weight=0.0, input_views=["0", "8"], image_scale=0.125, output_dir=str(tmp_path / "g"),
-                       device="cpu", backend="torch")
+                       encoder_checkpoint=str(tmp_path / "absent.pth"),
+                       fit=FitConfig(w_steps=2, mlp_steps=2, w_lr=1e-2, mlp_lr=1e-3, lpips_weight=0.0,
+                                     render_backend="torch"),
+                       input_views=["0", "8"], image_scale=0.125, output_dir=str(tmp_path / "g"), device="cpu")
     summary = run_guided(cfg, show_progress=False)
     assert [r["input_views"] for r in summary["runs"]] == [["00000_00.png"], ["00000_08.png"]]
     assert all(r["w_init"].startswith("mean_w (no encoder checkpoint") for r in summary["runs"])
@@ -127,7 +128,7 @@ def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_r
     save_ply(tmp_path / "s.ply", initial_splats(parser306))
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--splats", str(tmp_path / "s.ply"),
                           "--data_root", str(data_root), "--sample_id", "306", "--seen_views", "8", "--image_scale",
-                          "0.125", "--output_dir", str(tmp_path / "ev"), "--device", "cpu", "--backend", "torch"],
+                          "0.125", "--output_dir", str(tmp_path / "ev"), "--device", "cpu", "--render_backend", "torch"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     results = json.loads((tmp_path / "ev" / "results.json").read_text())
@@ -138,8 +139,8 @@ def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_r
 
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--protocol", "--subjects", "128", "306",
                           "--data_root", str(data_root), "--decoder_checkpoint", str(tiny_decoder_ckpt),
-                          "--encoder_checkpoint", str(tmp_path / "none.pth"), "--max_epochs", "3", "--image_scale",
-                          "0.125", "--output_dir", str(tmp_path / "proto"), "--device", "cpu", "--backend", "torch",
+                          "--encoder_checkpoint", str(tmp_path / "none.pth"), "--w_steps", "1", "--mlp_steps", "1", "--image_scale",
+                          "0.125", "--output_dir", str(tmp_path / "proto"), "--device", "cpu", "--render_backend", "torch",
                           "--lpips_weight", "0", "--no-save_images"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -150,8 +151,8 @@ def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_r
 
 
 def test_precision_choice_and_bf16_fit_tracks_fp32(tiny_decoder_ckpt, parser306):
-    from fastavatar.checkpoints import load_decoder
-    from fastavatar.fit import use_bf16
+    from fastavatar.io.checkpoints import load_decoder
+    from fastavatar.inference.refine import use_bf16
 
     assert use_bf16("fp32", torch.device("cpu")) is False and use_bf16("bf16", torch.device("cpu")) is True
     assert use_bf16("auto", torch.device("cuda")) is False
@@ -162,14 +163,14 @@ def test_precision_choice_and_bf16_fit_tracks_fp32(tiny_decoder_ckpt, parser306)
     args = (decoder, mean_w(w_vectors), parser306.points, parser306.load_image(view)[None],
             parser306.c2w[view:view + 1], parser306.Ks[view:view + 1], parser306.width, parser306.height)
     runs = {p: fit_to_views(*args, FitConfig(w_steps=4, mlp_steps=4, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0,
-                                             backend="torch", precision=p), show_progress=False)
+                                             render_backend="torch", precision=p), show_progress=False)
             for p in ("fp32", "bf16")}
     assert runs["bf16"].losses[-1] == pytest.approx(runs["fp32"].losses[-1], rel=0.05)
     assert runs["bf16"].splats["sh0"].dtype == torch.float32
 
 
 def test_keep_view_dependent_colour(tiny_decoder_ckpt, parser306):
-    from fastavatar.checkpoints import load_decoder
+    from fastavatar.io.checkpoints import load_decoder
 
     decoder, w_vectors, _ = load_decoder(tiny_decoder_ckpt)
     view = 8
@@ -177,6 +178,6 @@ def test_keep_view_dependent_colour(tiny_decoder_ckpt, parser306):
             parser306.c2w[view:view + 1], parser306.Ks[view:view + 1], parser306.width, parser306.height)
     for keep in (True, False):
         r = fit_to_views(*args, FitConfig(w_steps=3, mlp_steps=3, w_lr=3e-2, mlp_lr=3e-3, lpips_weight=0.0,
-                                          backend="torch", keep_view_dependent=keep), show_progress=False)
+                                          render_backend="torch", keep_view_dependent=keep), show_progress=False)
         assert torch.equal(r.splats["shN"], r.initial_splats["shN"]) is keep
         assert not torch.equal(r.splats["sh0"], r.initial_splats["sh0"])

@@ -14,7 +14,7 @@ from scipy.spatial.transform import Rotation
 from fastavatar.data import SubjectParser
 from fastavatar.flame.model import flame_forward
 from fastavatar.flame.points import triangle_centres
-from fastavatar.guided import GuidedConfig, subject_points
+from fastavatar.inference.guided import GuidedConfig, subject_points
 
 NUM_POINTS = 10144  # FastAvatar's anchor count (FLAME 9976 + VHAP teeth 168 faces)
 JAW = np.array([0.25, 0.0, 0.0])  # mouth opened by ~14 degrees about the jaw joint's x axis

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from face_fixtures import build_tiny_buffalo, insightface_sample_image
-from fastavatar.checkpoints import save_decoder_checkpoint, save_tracker_checkpoint, save_w_encoder_checkpoint
+from fastavatar.io.checkpoints import save_decoder_checkpoint, save_tracker_checkpoint, save_w_encoder_checkpoint
 from fastavatar.data import SubjectParser
 from fastavatar.inference.feedforward import (
     FeedForwardConfig,
@@ -28,7 +28,7 @@ from fastavatar.models.decoder import GaussianDecoder
 from fastavatar.models.tracker import DinoTracker, TrackerConfig
 from fastavatar.models.vit import ViTConfig
 from fastavatar.models.w_encoder import WEncoder
-from fastavatar.ply import load_ply
+from fastavatar.io.ply import load_ply
 
 N = 10144
 
@@ -189,7 +189,7 @@ def test_script_help_runs():
 
 
 def test_benchmark_reports_every_stage(assets):
-    from fastavatar.inference.feedforward import BenchmarkConfig, benchmark
+    from fastavatar.bench.inference import BenchmarkConfig, benchmark
 
     out = benchmark(BenchmarkConfig(encoder_checkpoint=assets["encoder"], decoder_checkpoint=assets["decoder"],
                                     dino_checkpoint=assets["dino"], insightface_root=str(assets["buffalo"]),
@@ -205,7 +205,7 @@ def test_benchmark_reports_every_stage(assets):
 
 @pytest.mark.slow
 def test_benchmark_random_weights_full_size(tmp_path):
-    from fastavatar.inference.feedforward import BenchmarkConfig, benchmark
+    from fastavatar.bench.inference import BenchmarkConfig, benchmark
 
     out = benchmark(BenchmarkConfig(encoder_checkpoint=tmp_path / "e.pth", decoder_checkpoint=tmp_path / "d.pth",
                                     dino_checkpoint=tmp_path / "t.pth", insightface_root=str(tmp_path / "none"),

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastavatar import losses
-from fastavatar.metrics import image_metrics, mean_metrics, psnr
+from fastavatar.eval.metrics import image_metrics, mean_metrics, psnr
 
 
 def test_psnr_known_value_and_mask():

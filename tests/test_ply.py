@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastavatar.ply import PlyFormatError, load_ply, ply_property_names, save_ply
+from fastavatar.io.ply import PlyFormatError, load_ply, ply_property_names, save_ply
 
 
 def random_splats(n=50, seed=0):

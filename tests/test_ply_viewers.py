@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastavatar.ply import save_ply
-from fastavatar.viewer_check import find_splat_transform, read_with_splat_transform
+from fastavatar.io.ply import save_ply
+from viewer_check import find_splat_transform, read_with_splat_transform
 
 pytestmark = pytest.mark.skipif(find_splat_transform() is None,
                                 reason="node/splat-transform not installed (npm install --prefix tools/splat-transform)")
@@ -36,7 +36,7 @@ def test_splat_transform_reads_every_column_we_wrote(tmp_path):
 
 def test_sample_template_scale_ply_opens(tmp_path, data_root):
     from fastavatar.data import SubjectParser
-    from fastavatar.template import initial_splats
+    from fastavatar.train.template import initial_splats
 
     parser = SubjectParser(data_root / "306", image_scale=0.125)
     splats = initial_splats(parser)

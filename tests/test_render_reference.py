@@ -8,7 +8,7 @@ import torch
 
 from fastavatar.render import rasterize
 from fastavatar.render.projection import camera_centers, project_gaussians, quat_scale_to_covar
-from fastavatar.render.sh import eval_sh, sh_to_rgb
+from fastavatar.core.sh import eval_sh, sh_to_rgb
 
 torch_impl = pytest.importorskip("gsplat.cuda._torch_impl")
 

@@ -6,17 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastavatar.models.tracker import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DinoTracker,
-    TrackerConfig,
-    geodesic_angle,
-    load_backbone_weights,
-    preprocess_for_tracker,
-    rotation_6d_to_matrix,
-    tracker_loss,
-)
+from fastavatar.face.tracker_input import IMAGENET_MEAN, IMAGENET_STD, preprocess_for_tracker
+from fastavatar.io.checkpoints.tracker import load_backbone_weights
+from fastavatar.losses import geodesic_angle, tracker_loss
+from fastavatar.models.tracker import DinoTracker, TrackerConfig, rotation_6d_to_matrix
 from fastavatar.models.vit import DinoVisionTransformer, ViTConfig
 from official_layout import TINY_VIT, official_shapes, random_state, tiny_tracker_config
 
@@ -174,10 +167,10 @@ def test_pos_embed_interpolation_uses_dinov2_offset():
 def test_load_backbone_weights(tmp_path):
     tr = DinoTracker(tiny_tracker_config(N))
     with pytest.raises(FileNotFoundError, match=r"dinov2_vitb14_pretrain\.pth.*pretrained_weights/"):
-        tr.load_backbone_weights(tmp_path / "dinov2_vitb14_pretrain.pth")
+        load_backbone_weights(tr.backbone, tmp_path / "dinov2_vitb14_pretrain.pth")
     src = DinoVisionTransformer(ViTConfig(**TINY_VIT))
     torch.save(src.state_dict(), tmp_path / "dinov2_vitb14_pretrain.pth")
-    tr.load_backbone_weights(tmp_path / "dinov2_vitb14_pretrain.pth")
+    load_backbone_weights(tr.backbone, tmp_path / "dinov2_vitb14_pretrain.pth")
     torch.testing.assert_close(tr.backbone.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
     wrong = DinoVisionTransformer(ViTConfig(**{**TINY_VIT, "embed_dim": 64}))
     torch.save(wrong.state_dict(), tmp_path / "wrong.pth")

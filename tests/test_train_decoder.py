@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from fastavatar.checkpoints import load_decoder
+from fastavatar.io.checkpoints import load_decoder
 from fastavatar.data import SubjectParser
-from fastavatar.ply import load_ply, save_ply
-from fastavatar.template import initial_splats
+from fastavatar.io.ply import load_ply, save_ply
+from fastavatar.train.template import initial_splats
 from fastavatar.train.common import NonFiniteLossError
 from fastavatar.train.decoder import DecoderTrainConfig, train_decoder
 
@@ -31,7 +31,7 @@ def tiny_config(tmp_path, template_path, data_root, **kw):
     base = dict(data_root=str(data_root), subjects=["306", "369"], image_scale=0.125, val_views=[8],
                 ply_file_path=str(template_path), hidden_dim=32, body_layers=2, max_epochs=2, batch_size=2,
                 mlp_lr=3e-3, w_lr=3e-2, w_init_std=0.1, lpips_weight=0.0, output_dir=str(tmp_path / "run"),
-                eval_every=1, save_every=1, progress=False, device="cpu", backend="torch", log_every=1)
+                eval_every=1, save_every=1, progress=False, device="cpu", render_backend="torch", log_every=1)
     base.update(kw)
     return DecoderTrainConfig(**base)
 

@@ -10,7 +10,7 @@ import yaml
 
 import fastavatar.train.encoder as enc_mod
 from face_fixtures import build_tiny_buffalo
-from fastavatar.checkpoints import load_checkpoint_file, load_w_encoder, save_decoder_checkpoint
+from fastavatar.io.checkpoints import load_checkpoint_file, load_w_encoder, save_decoder_checkpoint
 from fastavatar.models.decoder import DecoderConfig, GaussianDecoder
 from fastavatar.train.common import NonFiniteLossError
 from fastavatar.train.encoder import EncoderTrainConfig, encoder_loss, info_nce, train_encoder
@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see con
 def _cfg(setup, data_root, out, **kw):
     base = dict(data_root=str(data_root), decoder_load_path=str(setup["decoder"]), insightface_root=str(setup["buffalo"]),
                 embedding_cache_dir=str(setup["cache"]), output_dir=str(out), device="cpu", batch_size=29,
-                max_epochs=2, save_every=1, encoder_lr=1e-3, progress_bar=False, log_every=1)
+                max_epochs=2, save_every=1, encoder_lr=1e-3, progress=False, log_every=1)
     base.update(kw)
     return EncoderTrainConfig(**base)
 
@@ -132,16 +132,18 @@ def test_yaml_config_and_script_entry_point(setup, data_root, tmp_path, repo_roo
 
     from fastavatar.config import parse_config
 
-    cfg = parse_config(EncoderTrainConfig, ["--config", str(repo_root / "configs" / "encoder.yaml"), "--batch_size", "7"])
-    assert cfg.batch_size == 7 and cfg.mse_weight == 0.1 and cfg.cosine_weight == 1.0 and cfg.max_epochs == 400
+    variant = tmp_path / "encoder_variant.yaml"
+    variant.write_text("batch_size: 7\nmse_weight: 0.2\n")  # a variant lists only what it changes
+    cfg = parse_config(EncoderTrainConfig, ["--config", str(variant)])
+    assert cfg.batch_size == 7 and cfg.mse_weight == 0.2 and cfg.cosine_weight == 1.0 and cfg.max_epochs == 400
     spec = importlib.util.spec_from_file_location("train_encoder_script", repo_root / "scripts" / "train_encoder.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "cli"
-    argv = ["--config", str(repo_root / "configs" / "encoder.yaml"), "--data_root", str(data_root),
+    argv = ["--config", str(variant), "--data_root", str(data_root),
             "--decoder_load_path", str(setup["decoder"]), "--insightface_root", str(setup["buffalo"]),
             "--embedding_cache_dir", str(setup["cache"]), "--output_dir", str(out), "--device", "cpu",
-            "--max_epochs", "1", "--batch_size", "16", "--no-progress_bar"]
+            "--max_epochs", "1", "--batch_size", "16", "--no-progress"]
     with pytest.warns(UserWarning):
         assert script.main(argv) == 0
     assert (out / "checkpoints" / "latest.pth").is_file()

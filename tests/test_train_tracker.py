@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fastavatar.checkpoints import load_checkpoint_file, load_tracker
+from fastavatar.io.checkpoints import load_checkpoint_file, load_tracker
 from fastavatar.train.common import NonFiniteLossError
 from fastavatar.train.tracker import TrackerTrainConfig, build_tracker, train_tracker
 
@@ -38,7 +38,7 @@ def _shared_parsers(monkeypatch):
 def _cfg(data_root, out, **kw):
     base = dict(data_root=str(data_root), output_dir=str(out), device="cpu", random_backbone=True,
                 vit_embed_dim=32, vit_depth=2, vit_num_heads=2, vit_img_size=224, hidden_dim=32,
-                image_scale=0.25, batch_size=8, max_epochs=2, save_every=1, lr=1e-3, progress_bar=False,
+                image_scale=0.25, batch_size=8, max_epochs=2, save_every=1, lr=1e-3, progress=False,
                 val_subjects=["369"], log_every=1)
     base.update(kw)
     return TrackerTrainConfig(**base)
@@ -112,7 +112,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(data_root, tmp_path, monkeypatch):
     out = tmp_path / "nan"
     train_tracker(_cfg(data_root, out, max_epochs=1, max_subjects=2, val_subjects=["306"]))
     before = load_checkpoint_file(out / "checkpoints" / "latest.pth")
-    import fastavatar.models.tracker as mt
+    import fastavatar.losses as mt
 
     original = mt.tracker_loss
 
@@ -135,8 +135,9 @@ def test_yaml_config_l1_loss_and_script_entry_point(data_root, tmp_path, repo_ro
 
     from fastavatar.config import parse_config
 
-    cfg = parse_config(TrackerTrainConfig, ["--config", str(repo_root / "configs" / "tracker.yaml")])
-    assert cfg.freeze_backbone is True and cfg.hidden_dim == 1024 and cfg.points_loss == "l2"
+    (tmp_path / "tracker_variant.yaml").write_text("hidden_dim: 512\n")
+    cfg = parse_config(TrackerTrainConfig, ["--config", str(tmp_path / "tracker_variant.yaml")])
+    assert cfg.freeze_backbone is True and cfg.hidden_dim == 512 and cfg.points_loss == "l2"
     spec = importlib.util.spec_from_file_location("train_tracker_script", repo_root / "scripts" / "train_tracker.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
@@ -144,11 +145,12 @@ def test_yaml_config_l1_loss_and_script_entry_point(data_root, tmp_path, repo_ro
     argv = ["--data_root", str(data_root), "--output_dir", str(out), "--device", "cpu", "--random_backbone",
             "--vit_embed_dim", "32", "--vit_depth", "1", "--vit_num_heads", "2", "--vit_img_size", "224",
             "--hidden_dim", "16", "--image_scale", "0.25", "--max_epochs", "1", "--max_subjects", "2",
-            "--val_subjects", "306", "--points_loss", "l1", "--no-progress_bar"]
+            "--val_subjects", "306", "--points_loss", "l1", "--no-progress"]
     assert script.main(argv) == 0
     saved = load_checkpoint_file(out / "checkpoints" / "latest.pth")
     assert saved["config"]["points_loss"] == "l1" and math.isfinite(saved["extra"]["train_loss"])
-    assert script.main(argv[:-3] + ["--points_loss", "l3", "--no-progress_bar"]) == 1
-    assert "points_loss must be l1 or l2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(argv[:-3] + ["--points_loss", "l3", "--no-progress"])
+    assert exit_info.value.code == 2 and "invalid choice: 'l3'" in capsys.readouterr().err
     no_weights = [a for a in argv if a != "--random_backbone"] + ["--backbone_weights", str(tmp_path / "x.pth")]
     assert script.main(no_weights) == 1

@@ -14,7 +14,7 @@ import torch
 from fastavatar.animate import build_rig
 from fastavatar.flame import flame_forward
 from fastavatar.flame.points import triangle_centres
-from fastavatar.viewer import SplatViewer, ViewerConfig, splats_to_viser
+from fastavatar.apps.viewer import SplatViewer, ViewerConfig, splats_to_viser
 from flame_fixtures import make_tiny_flame, random_params, splats_on_mesh
 
 pytest.importorskip("viser")

@@ -12,7 +12,7 @@ A Gaussian (mean x, quaternion q, log-scales l, SH bands 1..3 f) is stored in it
 and placed on any other mesh by the inverse with that mesh's (R', s', o').
 ``D(R)`` rotates real SH coefficients so that colour(d) after = colour(R^T d) before (exact, bands 1-3).
 
-Quaternions are w x y z (``fastavatar.splats``); canonical sign is w >= 0.
+Quaternions are w x y z (``fastavatar.core.splats``); canonical sign is w >= 0.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastavatar.rotations import canonical_sign, matrix_to_quat, quat_conjugate, quat_multiply
-from fastavatar.splats import Splats
+from fastavatar.core.rotations import canonical_sign, matrix_to_quat, quat_conjugate, quat_multiply
+from fastavatar.core.splats import Splats
 
 # --------------------------------------------------------------------------------------------
 # Real SH rotation (bands 1..3, the 3DGS basis)

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from fastavatar.animate.binding import Binding, bind_splats, place_splats, rotate_sh
 from fastavatar.animate.rig import SOURCE_KEYS, Rig
 from fastavatar.flame.model import FlameModel, flame_forward, full_pose_matrices, lbs_transforms, pose_feature
-from fastavatar.rotations import (
+from fastavatar.core.rotations import (
     matrix_to_quat,
     quat_conjugate,
     quat_multiply,
@@ -46,7 +46,7 @@ from fastavatar.rotations import (
     quat_to_rotvec,
     rotvec_to_quat,
 )
-from fastavatar.splats import Splats
+from fastavatar.core.splats import Splats
 
 POSE_KEYS = ("rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
 POSE_WIDTHS = {"rotation": 3, "neck_pose": 3, "jaw_pose": 3, "eyes_pose": 6, "translation": 3}

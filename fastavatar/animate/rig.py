@@ -28,8 +28,8 @@ from typing import Callable, Dict, Type, Union
 import numpy as np
 import torch
 
-from fastavatar.splats import SPLAT_KEYS, Splats
-from fastavatar.utils.io import atomic_path
+from fastavatar.core.splats import SPLAT_KEYS, Splats
+from fastavatar.io.atomic import atomic_path
 
 RIG_FORMAT = "fastavatar-rig"
 RIG_VERSION = 1

@@ -133,7 +133,7 @@ def write_video(frames: List, path: Union[str, Path], fps: int = 25) -> Path:
     import imageio.v2 as imageio
     import numpy as np
 
-    from fastavatar.utils.io import atomic_path
+    from fastavatar.io.atomic import atomic_path
 
     path = Path(path)
     if path.suffix.lower() == ".mp4" and not ffmpeg_available():
@@ -156,7 +156,7 @@ def write_video(frames: List, path: Union[str, Path], fps: int = 25) -> Path:
 def default_camera(centre: torch.Tensor, distance: float = 1.0, width: int = 550, height: int = 802,
                    focal: float = 2048.0):
     """A frontal OpenCV camera looking at ``centre`` from +z (FLAME faces +z, y up): (c2w [4,4], K [3,3], w, h)."""
-    from fastavatar.cameras import look_at_c2w
+    from fastavatar.core.cameras import look_at_c2w
 
     centre = centre.to(torch.float32)
     eye = centre + torch.tensor([0.0, 0.0, distance])
@@ -171,7 +171,7 @@ def resolve_cameras(subject_dir, camera: int, centre: torch.Tensor, num_frames: 
 
     Returns (c2ws [T,4,4] or [4,4], K [3,3], width, height).
     """
-    from fastavatar.cameras import orbit_cameras
+    from fastavatar.core.cameras import orbit_cameras
 
     if subject_dir is not None:
         from fastavatar.data import SubjectParser
@@ -208,7 +208,7 @@ def render_sequence(
     from tqdm import tqdm
 
     from fastavatar.animate.blendshapes import evaluate_rig, mesh_rig_splats
-    from fastavatar.cameras import scale_intrinsics, scaled_size
+    from fastavatar.core.cameras import scale_intrinsics, scaled_size
     from fastavatar.render import render_splats
 
     if cfg.mode not in ("blendshapes", "mesh"):
@@ -234,7 +234,7 @@ def render_sequence(
         t_drive += t1 - t0
         images.append((out.rgb[0].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))
         if cfg.save_ply:
-            from fastavatar.ply import save_ply
+            from fastavatar.io.ply import save_ply
 
             save_ply(output_dir / "frames" / f"{i:05d}.ply", {k: v.float() for k, v in splats.items()})
     video = write_video(images, output_dir / f"{cfg.video_name}.mp4", fps=cfg.fps)

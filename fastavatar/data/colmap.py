@@ -10,7 +10,7 @@ Layout of a subject folder (``306/`` or the VHAP export name
     transforms*.json                               VHAP/NeRF cameras (optional, OpenGL c2w)
     flame_param/00000.npz                          tracked FLAME parameters (optional)
 
-Conventions: see :mod:`fastavatar.cameras` (OpenCV c2w, pixel K). Views are sorted by image file
+Conventions: see :mod:`fastavatar.core.cameras` (OpenCV c2w, pixel K). Views are sorted by image file
 name. Points are ordered by COLMAP point id, which is the FLAME triangle order (Gaussian i <->
 point i <-> triangle i).
 """
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fastavatar import NUM_TEMPLATE_GAUSSIANS
-from fastavatar.cameras import opengl_to_opencv_c2w, scaled_size
+from fastavatar.core.cameras import opengl_to_opencv_c2w, scaled_size
 
 PathLike = Union[str, Path]
 

@@ -21,7 +21,7 @@ from typing import Iterable, Optional, Union
 import numpy as np
 
 from fastavatar.face.embedding import FaceEmbedder, FaceError, FaceResult
-from fastavatar.utils.io import atomic_write_bytes
+from fastavatar.io.atomic import atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 

@@ -10,7 +10,7 @@ suppression, rotated region-of-interest crops, landmark back-projection and matt
 Conventions:
 - images are ``[H, W, 3] uint8`` RGB (load them with :func:`fastavatar.face.images.load_rgb`);
 - image coordinates are **continuous pixels**, pixel (i, j) covering ``[j, j+1) x [i, i+1)``
-  (centre at +0.5, as in :mod:`fastavatar.cameras`);
+  (centre at +0.5, as in :mod:`fastavatar.core.cameras`);
 - landmarks are ``[468, 3]``: x, y in image pixels, z in pixels at the same scale (relative depth,
   smaller = closer to the camera), the mediapipe face-mesh topology (``FACE_MESH_*`` indices).
 

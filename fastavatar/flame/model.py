@@ -31,7 +31,7 @@ from typing import Dict, Optional, Union
 import numpy as np
 import torch
 
-from fastavatar.cameras import axis_angle_to_matrix
+from fastavatar.core.cameras import axis_angle_to_matrix
 
 DEFAULT_FLAME_PATH = Path("pretrained_weights/flame/flame2023.pkl")
 JOINT_NAMES = ("global", "neck", "jaw", "eye_left", "eye_right")
@@ -134,7 +134,7 @@ class FlameModel:
 
     def save_npz(self, path: Union[str, Path]) -> None:
         """Write the model in the ``.npz`` layout :func:`load_flame_model` reads."""
-        from fastavatar.utils.io import atomic_path
+        from fastavatar.io.atomic import atomic_path
 
         arrays = {k: getattr(self, k).cpu().numpy() for k in NPZ_KEYS}
         arrays["num_teeth_vertices"] = np.int64(self.num_teeth_vertices)

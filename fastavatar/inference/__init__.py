@@ -1,23 +1,3 @@
-"""Inference: feed-forward single-photo reconstruction (:mod:`fastavatar.inference.feedforward`)."""
-
-from fastavatar.inference.feedforward import (
-    FeedForwardConfig,
-    FeedForwardModels,
-    FeedForwardResult,
-    load_models,
-    predicted_intrinsics,
-    run,
-    run_photo,
-    splat_statistics,
-)
-
-__all__ = [
-    "FeedForwardConfig",
-    "FeedForwardModels",
-    "FeedForwardResult",
-    "load_models",
-    "predicted_intrinsics",
-    "run",
-    "run_photo",
-    "splat_statistics",
-]
+"""Inference: feed-forward single-photo reconstruction (:mod:`.feedforward`), test-time
+refinement of a decoded head (:mod:`.refine`), and FLAME-guided inference on a calibrated
+subject (:mod:`.guided`)."""

@@ -2,12 +2,7 @@
 DINOv2 point/pose tracker. State-dict names match the released FastAvatar checkpoints."""
 
 from fastavatar.models.decoder import DecoderConfig, GaussianDecoder, splats_from_output
-from fastavatar.models.tracker import (
-    DinoTracker,
-    TrackerConfig,
-    preprocess_for_tracker,
-    tracker_loss,
-)
+from fastavatar.models.tracker import DinoTracker, TrackerConfig
 from fastavatar.models.vit import DinoVisionTransformer, ViTConfig
 from fastavatar.models.w_encoder import WEncoder, WEncoderConfig
 
@@ -20,7 +15,5 @@ __all__ = [
     "ViTConfig",
     "WEncoder",
     "WEncoderConfig",
-    "preprocess_for_tracker",
     "splats_from_output",
-    "tracker_loss",
 ]

@@ -31,7 +31,7 @@ from typing import Dict, List, Literal, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from fastavatar.splats import SPLAT_KEYS, Splats, validate_splats
+from fastavatar.core.splats import SPLAT_KEYS, Splats, validate_splats
 
 MEANS_DELTA_SCALE = 0.1
 """Bound on the position delta (world units, ~metres): means = points + 0.1 * tanh(dmu)."""
@@ -145,8 +145,8 @@ class GaussianDecoder(nn.Module):
     """W [B, w_dim] -> per-Gaussian raw splat parameters on top of a template.
 
     Args:
-        template: raw splats dict (``fastavatar.splats`` keys) with N Gaussians, e.g. from
-            ``fastavatar.ply.load_ply("pretrained_weights/averaged_model.ply")``.
+        template: raw splats dict (``fastavatar.core.splats`` keys) with N Gaussians, e.g. from
+            ``fastavatar.io.ply.load_ply("pretrained_weights/averaged_model.ply")``.
         config: :class:`DecoderConfig`.
     """
 

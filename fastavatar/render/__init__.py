@@ -112,9 +112,9 @@ def render_splats(
     far_plane: float = 1e10,
     torch_config: Optional[TorchRasterConfig] = None,
 ) -> RenderOutput:
-    """Render RAW splats (see :mod:`fastavatar.splats`; activated here) from c2w cameras."""
-    from fastavatar.cameras import c2w_to_w2c
-    from fastavatar.splats import activate
+    """Render RAW splats (see :mod:`fastavatar.core.splats`; activated here) from c2w cameras."""
+    from fastavatar.core.cameras import c2w_to_w2c
+    from fastavatar.core.splats import activate
 
     act = activate(splats)
     means = act["means"]

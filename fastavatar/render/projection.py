@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastavatar.rotations import quat_to_matrix
+from fastavatar.core.rotations import quat_to_matrix
 
 ALPHA_THRESHOLD = 1.0 / 255.0  # pairs with alpha below this are skipped (3DGS / gsplat)
 

@@ -39,7 +39,7 @@ from typing import List, NamedTuple, Optional, Tuple
 import torch
 
 from fastavatar.render.projection import ALPHA_THRESHOLD, camera_centers, project_gaussians, quat_scale_to_covar
-from fastavatar.render.sh import sh_to_rgb
+from fastavatar.core.sh import sh_to_rgb
 
 LOG_ALPHA_THRESHOLD = math.log(ALPHA_THRESHOLD)
 MAX_ALPHA = 0.999  # per-pair alpha clamp (3DGS / gsplat)

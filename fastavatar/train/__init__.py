@@ -1,1 +1,2 @@
-"""Training loops (decoder, W encoder, tracker) and what they share (:mod:`fastavatar.train.common`)."""
+"""Training: the decoder, W-encoder and tracker trainers, what they share (:mod:`.common`), and the
+canonical-template fit (:mod:`.template`)."""

@@ -1,37 +1,21 @@
-"""What every training loop shares: device/seed set-up, the run directory, TensorBoard,
-atomic resumable checkpoints and the NaN guard."""
+"""What every training loop shares: the run directory, TensorBoard, the NaN guard and the
+distributed environment (device, seeding and progress bars: :mod:`fastavatar.runtime`)."""
 
 from __future__ import annotations
 
 import math
 import os
-import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
-import numpy as np
 import torch
+
+from fastavatar.runtime import resolve_device
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss becomes NaN/Inf; the last good checkpoint is left untouched."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> cuda when available else cpu; an unavailable ``cuda`` falls back to cpu with a note."""
-    if name in ("auto", "", None):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("[fastavatar] CUDA requested but not available: using cpu")
-        return torch.device("cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def check_finite(value: torch.Tensor, step: int, run_dir: Path, what: str = "loss") -> None:
@@ -89,10 +73,48 @@ def distributed_info() -> tuple:
     return rank, world, local
 
 
-def progress(iterable: Any, enabled: bool = True, **kwargs):
-    """tqdm when enabled (main process), the bare iterable otherwise."""
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
+@dataclass
+class DistEnv:
+    """Where this process trains: its rank among ``world_size`` processes and its device."""
 
-    return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def single(cls, device: torch.device) -> "DistEnv":
+        """One process on ``device``."""
+        return cls(0, 1, 0, torch.device(device))
+
+
+def init_distributed(device_name: str) -> DistEnv:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo otherwise) and
+    take this rank's device; else one process on :func:`fastavatar.runtime.resolve_device`."""
+    rank, world, local_rank = distributed_info()
+    if world <= 1:
+        return DistEnv.single(resolve_device(device_name))
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
+    dist.init_process_group(backend=backend)
+    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
+    return DistEnv(rank, world, local_rank, device)
+
+
+def close_distributed(env: DistEnv) -> None:
+    """Wait for every rank, then leave the process group (no-op for one process)."""
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+

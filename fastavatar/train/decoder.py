@@ -17,10 +17,9 @@ a held-out validation split (views), TensorBoard, resumable atomic checkpoints, 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -28,20 +27,23 @@ import torch.nn as nn
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data import MultiViewDataset, SubjectParser, discover_subjects
 from fastavatar.losses import delta_regularisers, load_lpips, photometric_loss
-from fastavatar.metrics import image_metrics, mean_metrics
-from fastavatar.train.common import (
-    RunDir,
-    check_finite,
-    distributed_info,
-    progress,
-    resolve_device,
-    seed_everything,
-)
-from fastavatar.utils.io import atomic_save_image, atomic_write_json
+from fastavatar.eval.metrics import image_metrics, mean_metrics
+from fastavatar.data.subject_ids import make_w_ids_to_idx
+from fastavatar.io.atomic import atomic_save_image, atomic_write_json
+from fastavatar.io.checkpoints import save_decoder_checkpoint
+from fastavatar.runtime import seed_everything
+from fastavatar.train.common import DistEnv, RunDir, close_distributed, init_distributed
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, run_training
 
 
 @dataclass
-class DecoderTrainConfig:
+class DecoderTrainConfig(TrainLoopConfig):
+    """Decoder training (the shared loop's knobs: :class:`fastavatar.train.loop.TrainLoopConfig`)."""
+
+    # loop defaults for this trainer
+    output_dir: str = option("runs/decoder", "run folder: config.yaml, checkpoints/, tb/, images/, stats/")
+    max_epochs: int = option(400, "epochs over all (subject, view) items")
+    eval_every: int = option(5, "epochs between validation passes (the last epoch is always validated)")
     # data
     data_root: str = option("data/nersemble", "folder of subject folders (<id>/ or <id>_<VHAP name>/)")
     subjects: List[str] = option([], "subject ids to train on (empty: all found)")
@@ -53,10 +55,9 @@ class DecoderTrainConfig:
     init_from: str = option("", "optional decoder checkpoint to start from (official or ours)")
     hidden_dim: int = option(256, "hypernetwork width (official: 256)")
     body_layers: int = option(6, "hypernetwork body depth (official: 6)")
-    decoder_init: str = option("zero_out", "MLP init: 'original' (xavier gain 0.02) or 'zero_out' (default init, zero output layers)")
+    decoder_init: Literal["zero_out", "original"] = option("zero_out", "MLP init: 'original' (xavier gain 0.02) or 'zero_out' (default init, zero output layers)")
     w_init_std: float = option(1.0, "std of the initial W vectors (the original used randn, std 1)")
     # optimisation
-    max_epochs: int = option(400, "epochs over all (subject, view) items")
     batch_size: int = option(1, "items per step (per process)")
     views_per_subject: int = option(1, "views of the same subject rendered per item (shares one decoder pass)")
     num_workers: int = option(0, "DataLoader workers (images are cached in memory)")
@@ -64,30 +65,21 @@ class DecoderTrainConfig:
     w_lr: float = option(1e-4, "W vector learning rate")
     base_lr: float = option(0.0, "template (base_*) learning rate; 0 freezes it")
     embedding_lr: float = option(0.0, "per-Gaussian embedding learning rate; 0 freezes it")
-    grad_clip: float = option(1.0, "gradient-norm clip for the MLP and for W")
     l1_weight: float = option(0.6, "L1 loss weight")
     ssim_weight: float = option(0.3, "1-SSIM loss weight")
     lpips_weight: float = option(0.1, "LPIPS loss weight (skipped when the LPIPS trunk is absent)")
     scale_reg: float = option(0.0, "weight of mean |Δ log-scale|")
     pos_reg: float = option(0.0, "weight of mean |Δ position|")
-    lpips_net: str = option("alex", "LPIPS trunk: alex or vgg")
+    lpips_net: Literal["alex", "vgg"] = option("alex", "LPIPS trunk: alex or vgg")
     # rendering
     sh_degree: int = option(3, "SH degree rendered")
     near: float = option(0.01, "near plane (m)")
     far: float = option(1e10, "far plane (m)")
-    backend: str = option("auto", "renderer: auto (gsplat on CUDA, torch otherwise), torch or gsplat")
+    render_backend: Literal["auto", "torch", "gsplat"] = option(
+        "auto", "renderer: auto (gsplat on CUDA, torch otherwise), torch or gsplat")
     # bookkeeping
-    output_dir: str = option("runs/decoder", "run folder: config.yaml, checkpoints/, tb/, images/, stats/")
-    log_every: int = option(10, "steps between TensorBoard scalar logs")
-    save_every: int = option(10, "epochs between numbered checkpoints (latest.pth is written every epoch)")
-    eval_every: int = option(5, "epochs between validation passes")
     save_images: bool = option(True, "save render|target images at validation")
     save_ply_files: bool = option(False, "write each training subject's splats.ply at the end")
-    resume: bool = option(False, "resume from output_dir/checkpoints/latest.pth")
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-    seed: int = option(42, "random seed")
-    max_steps: int = option(0, "stop after this many steps in total (0: no limit; for smoke tests)")
-    progress: bool = option(True, "show progress bars")
 
 
 class DecoderWithW(nn.Module):
@@ -108,9 +100,9 @@ def collate_items(items: List[dict]) -> List[dict]:
 
 
 def build_decoder(cfg: DecoderTrainConfig, device):
-    from fastavatar.checkpoints import load_decoder
+    from fastavatar.io.checkpoints import load_decoder
     from fastavatar.models.decoder import DecoderConfig, GaussianDecoder
-    from fastavatar.ply import load_ply
+    from fastavatar.io.ply import load_ply
 
     if cfg.init_from:
         decoder, _, _ = load_decoder(cfg.init_from, device="cpu")
@@ -137,174 +129,132 @@ def _render_items(model_out: dict, rows_of_items: List[int], items: List[dict], 
         one = {k: (v[u : u + 1] if torch.is_tensor(v) else v) for k, v in model_out.items() if k != "raw_deltas"}
         splats = splats_from_output(one, item["points"].to(device))[0]
         out = render_splats(splats, item["c2w"].to(device), item["K"].to(device), width, height,
-                            sh_degree=cfg.sh_degree, near_plane=cfg.near, far_plane=cfg.far, backend=cfg.backend)
+                            sh_degree=cfg.sh_degree, near_plane=cfg.near, far_plane=cfg.far, backend=cfg.render_backend)
         preds.append(out.rgb)
         targets.append(item["image"].to(device)[None])
     return torch.cat(preds), torch.cat(targets)
 
 
+class DecoderTask(TrainTask):
+    """Decoder + W table on (subject, view) items, for :func:`fastavatar.train.loop.run_training`."""
+
+    name = "train"
+
+    def __init__(self, cfg: DecoderTrainConfig, env: DistEnv, run: RunDir) -> None:
+        self.cfg, self.env, self.run = cfg, env, run
+        device = env.device
+        roots = discover_subjects(cfg.data_root, cfg.subjects or None, verbose=env.is_main)[: cfg.max_subjects]
+        self.parsers = [SubjectParser(p, image_scale=cfg.image_scale) for p in roots]
+        self.ids = [p.subject_id for p in self.parsers]
+        self.w_ids_to_idx = make_w_ids_to_idx(self.ids)  # rows follow the parsers (both sorted by id)
+        self.width, self.height = self.parsers[0].width, self.parsers[0].height
+        all_views = range(len(self.parsers[0]))
+        self.train_views = [v for v in all_views if v not in set(cfg.val_views)]
+        self.train_set = MultiViewDataset(self.parsers, views=self.train_views)
+        self.val_set = MultiViewDataset(self.parsers, views=[v for v in cfg.val_views if v < len(self.parsers[0])])
+
+        self.decoder = build_decoder(cfg, device)
+        self.model = DecoderWithW(self.decoder, len(self.parsers), self.decoder.config.w_dim, cfg.w_init_std,
+                                  cfg.seed).to(device)
+        lr_of = {"w": cfg.w_lr, "mlp": cfg.mlp_lr, "base": cfg.base_lr, "embedding": cfg.embedding_lr}
+        groups = {
+            "w": [self.model.w_vectors],
+            "mlp": list(self.decoder.conditioning_mlp.parameters()),
+            "base": [p for p in self.decoder.base_parameters() if isinstance(p, nn.Parameter)],
+            "embedding": [self.decoder.gaussian_embeddings.weight],
+        }
+        self.optimizers = {}
+        for name, params in groups.items():
+            if lr_of[name] > 0:
+                self.optimizers[name] = torch.optim.Adam(params, lr=lr_of[name])
+            else:  # frozen, as Adam(lr=0) in the original, without the optimizer state
+                for p in params:
+                    p.requires_grad_(False)
+        self.schedulers = {k: torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.8, patience=20)
+                           for k, o in self.optimizers.items()}
+
+        self.ddp_model = self.model
+        self.sampler = None
+        if env.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+            from torch.utils.data.distributed import DistributedSampler
+
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[env.local_rank] if device.type == "cuda" else None)
+            self.sampler = DistributedSampler(self.train_set, num_replicas=env.world_size, rank=env.rank,
+                                              shuffle=True, seed=cfg.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
+            num_workers=cfg.num_workers, collate_fn=collate_items, drop_last=False,
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.lpips_model = load_lpips(cfg.lpips_net, device, quiet=not env.is_main) if cfg.lpips_weight > 0 else None
+
+    def batches(self, epoch: int):
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch - 1)
+        self.ddp_model.train()
+        return self.loader
+
+    def losses(self, items):
+        cfg, device = self.cfg, self.env.device
+        items = _expand_views(items, self.train_set, cfg.views_per_subject, self.parsers, self.train_views)
+        subject_rows = sorted({it["subject_index"] for it in items})
+        rows_of_items = [subject_rows.index(it["subject_index"]) for it in items]
+        out = self.ddp_model(torch.tensor(subject_rows, device=device))
+        pred, target = _render_items(out, rows_of_items, items, cfg, self.width, self.height, device)
+        parts = photometric_loss(pred, target, cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, self.lpips_model)
+        regs = delta_regularisers(out["raw_deltas"], cfg.scale_reg, cfg.pos_reg)
+        photometric = parts.pop("total")
+        loss = photometric + sum(regs.values()) if regs else photometric
+        return {**parts, "photometric": photometric, **regs, "total": loss}, len(items)
+
+    def clip_groups(self):
+        return [list(self.decoder.conditioning_mlp.parameters()), [self.model.w_vectors]]
+
+    def validate(self, epoch: int) -> Dict[str, float]:
+        if not len(self.val_set):
+            return {}
+        return validate(self.model, self.val_set, self.cfg, self.width, self.height, self.env.device, self.run, epoch,
+                        self.lpips_model)
+
+    def save_checkpoint(self, path: Path, epoch: int, global_step: int, record) -> None:
+        save_decoder_checkpoint(
+            path, decoder=self.decoder, w_vectors=self.model.w_vectors.detach().cpu(), w_ids_to_idx=self.w_ids_to_idx,
+            epoch=epoch, global_step=global_step, config=config_to_dict(self.cfg),
+            optimizer_states={k: o.state_dict() for k, o in self.optimizers.items()},
+            extra={"scheduler_states": {k: s.state_dict() for k, s in self.schedulers.items()},
+                   "subject_ids": self.ids, "image_scale": self.cfg.image_scale, "best_score": record["best_score"]})
+
+    def load_checkpoint(self, ckpt) -> None:
+        self.decoder.load_state_dict(ckpt["model_dict"], strict=True)
+        with torch.no_grad():
+            self.model.w_vectors.copy_(ckpt["w_vectors"].to(self.env.device))
+        for k, o in self.optimizers.items():
+            if k in (ckpt.get("optimizer_states") or {}):
+                o.load_state_dict(ckpt["optimizer_states"][k])
+        for k, s in self.schedulers.items():
+            if k in ((ckpt.get("extra") or {}).get("scheduler_states") or {}):
+                s.load_state_dict(ckpt["extra"]["scheduler_states"][k])
+
+    def epoch_summary(self, record) -> str:
+        val = record.get("val")
+        return f"loss {record['train_loss']:.4f}" + (f", val PSNR {val['psnr']:.2f} dB" if val else "")
+
+
 def train_decoder(cfg: DecoderTrainConfig) -> Path:
     """Train; returns the run folder. Raises :class:`NonFiniteLossError` on NaN (checkpoints kept)."""
-    rank, world, local_rank = distributed_info()
-    distributed = world > 1
-    if distributed:
-        import torch.distributed as dist
-
-        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
-        dist.init_process_group(backend=backend)
-        device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
-    else:
-        device = resolve_device(cfg.device)
-    is_main = rank == 0
-    seed_everything(cfg.seed + rank)
-    run = RunDir(Path(cfg.output_dir), is_main=is_main)
-    if is_main:
+    env = init_distributed(cfg.device)
+    seed_everything(cfg.seed + env.rank)
+    run = RunDir(Path(cfg.output_dir), is_main=env.is_main)
+    if env.is_main:
         save_config(cfg, run.path)
-
-    roots = discover_subjects(cfg.data_root, cfg.subjects or None, verbose=is_main)[: cfg.max_subjects]
-    parsers = [SubjectParser(p, image_scale=cfg.image_scale) for p in roots]
-    ids = [p.subject_id for p in parsers]
-    w_ids_to_idx = {sid.zfill(3): i for i, sid in enumerate(ids)}
-    width, height = parsers[0].width, parsers[0].height
-    all_views = range(len(parsers[0]))
-    train_views = [v for v in all_views if v not in set(cfg.val_views)]
-    train_set = MultiViewDataset(parsers, views=train_views)
-    val_set = MultiViewDataset(parsers, views=[v for v in cfg.val_views if v < len(parsers[0])])
-
-    decoder = build_decoder(cfg, device)
-    model = DecoderWithW(decoder, len(parsers), decoder.config.w_dim, cfg.w_init_std, cfg.seed).to(device)
-    lr_of = {"w": cfg.w_lr, "mlp": cfg.mlp_lr, "base": cfg.base_lr, "embedding": cfg.embedding_lr}
-    groups = {
-        "w": [model.w_vectors],
-        "mlp": list(decoder.conditioning_mlp.parameters()),
-        "base": [p for p in decoder.base_parameters() if isinstance(p, nn.Parameter)],
-        "embedding": [decoder.gaussian_embeddings.weight],
-    }
-    optimizers = {}
-    for name, params in groups.items():
-        if lr_of[name] > 0:
-            optimizers[name] = torch.optim.Adam(params, lr=lr_of[name])
-        else:  # frozen, as Adam(lr=0) in the original, without the optimizer state
-            for p in params:
-                p.requires_grad_(False)
-    schedulers = {k: torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.8, patience=20)
-                  for k, o in optimizers.items()}
-
-    start_epoch, global_step = 0, 0
-    latest = run.checkpoints / "latest.pth"
-    if cfg.resume:
-        if not latest.is_file():
-            raise FileNotFoundError(f"{latest}: --resume given but no checkpoint to resume from")
-        state = torch.load(latest, map_location="cpu", weights_only=False)
-        decoder.load_state_dict(state["model_dict"], strict=True)
-        with torch.no_grad():
-            model.w_vectors.copy_(state["w_vectors"].to(device))
-        for k, o in optimizers.items():
-            if k in (state.get("optimizer_states") or {}):
-                o.load_state_dict(state["optimizer_states"][k])
-        for k, s in schedulers.items():
-            if k in ((state.get("extra") or {}).get("scheduler_states") or {}):
-                s.load_state_dict(state["extra"]["scheduler_states"][k])
-        start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
-        if is_main:
-            print(f"[train] resumed from {latest} at epoch {start_epoch}, step {global_step}")
-
-    ddp_model = model
-    sampler = None
-    if distributed:
-        from torch.nn.parallel import DistributedDataParallel
-        from torch.utils.data.distributed import DistributedSampler
-
-        ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda" else None)
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-        num_workers=cfg.num_workers, collate_fn=collate_items, drop_last=False,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    lpips_model = load_lpips(cfg.lpips_net, device, quiet=not is_main) if cfg.lpips_weight > 0 else None
-    metric_lpips = lpips_model
-
-    def save_checkpoint(epoch: int, numbered: bool) -> None:
-        if not is_main:
-            return
-        from fastavatar.checkpoints import save_decoder_checkpoint
-
-        kwargs = dict(decoder=decoder, w_vectors=model.w_vectors.detach().cpu(), w_ids_to_idx=w_ids_to_idx,
-                      epoch=epoch, global_step=global_step, config=config_to_dict(cfg),
-                      optimizer_states={k: o.state_dict() for k, o in optimizers.items()},
-                      extra={"scheduler_states": {k: s.state_dict() for k, s in schedulers.items()},
-                             "subject_ids": ids, "image_scale": cfg.image_scale})
-        save_decoder_checkpoint(latest, **kwargs)
-        if numbered:
-            save_decoder_checkpoint(run.checkpoints / f"epoch_{epoch:04d}.pth", **kwargs)
-
-    history = []
-    stop = False
-    for epoch in range(start_epoch, cfg.max_epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        ddp_model.train()
-        losses = []
-        t0 = time.time()
-        bar = progress(loader, is_main and cfg.progress, desc=f"epoch {epoch + 1}/{cfg.max_epochs}", leave=False)
-        for items in bar:
-            items = _expand_views(items, train_set, cfg.views_per_subject, parsers, train_views)
-            subject_rows = sorted({it["subject_index"] for it in items})
-            rows_of_items = [subject_rows.index(it["subject_index"]) for it in items]
-            out = ddp_model(torch.tensor(subject_rows, device=device))
-            pred, target = _render_items(out, rows_of_items, items, cfg, width, height, device)
-            parts = photometric_loss(pred, target, cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, lpips_model)
-            regs = delta_regularisers(out["raw_deltas"], cfg.scale_reg, cfg.pos_reg)
-            loss = parts["total"] + sum(regs.values()) if regs else parts["total"]
-            check_finite(loss.detach(), global_step, run.path)
-            for o in optimizers.values():
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(decoder.conditioning_mlp.parameters(), cfg.grad_clip)
-                torch.nn.utils.clip_grad_norm_([model.w_vectors], cfg.grad_clip)
-            for o in optimizers.values():
-                o.step()
-            global_step += 1
-            losses.append(float(loss.detach()))
-            if is_main and global_step % max(cfg.log_every, 1) == 0:
-                run.scalar("train/loss", float(loss), global_step)
-                for k, v in {**parts, **regs}.items():
-                    run.scalar(f"train/{k}", float(v), global_step)
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss):.4f}")
-            if cfg.max_steps and global_step >= cfg.max_steps:
-                stop = True
-                break
-        mean_loss = _all_reduce_mean(sum(losses) / max(len(losses), 1), distributed)
-        for s in schedulers.values():
-            s.step(mean_loss)
-        record = {"epoch": epoch + 1, "step": global_step, "train_loss": mean_loss, "seconds": time.time() - t0}
-        if is_main:
-            run.scalar("train/epoch_loss", mean_loss, epoch + 1)
-            run.scalar("train/w_lr", optimizers["w"].param_groups[0]["lr"] if "w" in optimizers else 0.0, epoch + 1)
-        last_epoch = stop or epoch + 1 == cfg.max_epochs
-        if is_main and len(val_set) and ((epoch + 1) % max(cfg.eval_every, 1) == 0 or last_epoch):
-            record["val"] = validate(model, val_set, cfg, width, height, device, run, epoch + 1, metric_lpips)
-        history.append(record)
-        if is_main:
-            print(f"[train] epoch {epoch + 1}: loss {mean_loss:.4f}"
-                  + (f", val PSNR {record['val']['psnr']:.2f} dB" if "val" in record else "")
-                  + f" ({record['seconds']:.1f} s)")
-        save_checkpoint(epoch + 1, numbered=(epoch + 1) % max(cfg.save_every, 1) == 0 or last_epoch)
-        if stop:
-            break
-    if is_main:
-        atomic_write_json(run.path / "history.json", history)
-        if cfg.save_ply_files:
-            save_subject_plys(model, parsers, run.path / "ply")
+    task = DecoderTask(cfg, env, run)
+    run_training(task, cfg, run, env)
+    if env.is_main and cfg.save_ply_files:
+        save_subject_plys(task.model, task.parsers, run.path / "ply")
     run.close()
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
+    close_distributed(env)
     return run.path
 
 
@@ -320,16 +270,6 @@ def _expand_views(items, dataset: MultiViewDataset, views_per_subject: int, pars
         for j in pick:
             out.append(dataset[dataset.index_of(it["subject_index"], others[j])])
     return out
-
-
-def _all_reduce_mean(value: float, distributed: bool) -> float:
-    if not distributed:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
 
 
 @torch.no_grad()
@@ -350,8 +290,6 @@ def validate(model: DecoderWithW, val_set: MultiViewDataset, cfg, width, height,
             atomic_save_image(run.images / f"val_epoch{epoch:04d}_{item['subject_id']}_{item['view_index']:02d}.png",
                               side_by_side.numpy())
     summary = mean_metrics([{k: r[k] for k in ("psnr", "ssim", "lpips")} for r in rows])
-    for k, v in summary.items():
-        run.scalar(f"val/{k}", v, epoch)
     atomic_write_json(run.path / "stats" / f"val_epoch{epoch:04d}.json", {"mean": summary, "per_view": rows})
     model.train()
     return summary
@@ -360,7 +298,7 @@ def validate(model: DecoderWithW, val_set: MultiViewDataset, cfg, width, height,
 @torch.no_grad()
 def save_subject_plys(model: DecoderWithW, parsers: List[SubjectParser], out_dir: Path) -> None:
     """Each training subject's decoded splats with absolute means (points + Δ) as a standard PLY."""
-    from fastavatar.ply import save_ply
+    from fastavatar.io.ply import save_ply
 
     device = model.w_vectors.device
     for row, parser in enumerate(parsers):

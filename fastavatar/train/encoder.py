@@ -24,7 +24,6 @@ Fixes relative to the released script:
 
 from __future__ import annotations
 
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +34,20 @@ import torch
 import torch.nn.functional as F
 
 from fastavatar.config import config_to_dict, option, save_config
-from fastavatar.utils.io import atomic_write_json
+from fastavatar.io.atomic import atomic_write_json
+from fastavatar.runtime import resolve_device, seed_everything
+from fastavatar.train.common import DistEnv, RunDir
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, run_training
 
 
 @dataclass
-class EncoderTrainConfig:
+class EncoderTrainConfig(TrainLoopConfig):
+    """W-encoder training (the shared loop's knobs: :class:`fastavatar.train.loop.TrainLoopConfig`)."""
+
+    # loop defaults for this trainer
+    output_dir: str = option("runs/encoder", "run folder: config.yaml, checkpoints/, tb/, metrics.json")
+    max_epochs: int = option(400, "epochs")
+    save_every: int = option(50, "epochs between numbered checkpoints (latest.pth is written every epoch)")
     # data
     data_root: str = option("data/nersemble", "folder of subject folders (<id>/images/*.png)")
     decoder_load_path: str = option("pretrained_weights/decoder_neutral_flame.pth",
@@ -51,23 +59,12 @@ class EncoderTrainConfig:
     # optimisation
     encoder_lr: float = option(1e-4, "Adam learning rate")
     batch_size: int = option(64, "embeddings per step")
-    max_epochs: int = option(400, "epochs")
     mse_weight: float = option(0.1, "weight of MSE(pred, w)")
     cosine_weight: float = option(1.0, "weight of 1 - cos(pred, w)")
     contrastive_weight: float = option(0.0, "weight of the InfoNCE term (positives = same subject)")
     contrastive_temperature: float = option(0.07, "InfoNCE temperature")
     scheduler_patience: int = option(5, "ReduceLROnPlateau patience (epochs)")
     scheduler_factor: float = option(0.5, "ReduceLROnPlateau factor")
-    gradient_clip_norm: float = option(1.0, "gradient-norm clip (0 disables)")
-    seed: int = option(42, "random seed")
-    # bookkeeping
-    output_dir: str = option("runs/encoder", "run folder: config.yaml, checkpoints/, tb/, metrics.json")
-    device: str = option("auto", "torch device: auto, cpu, cuda")
-    resume: bool = option(False, "continue from output_dir/checkpoints/latest.pth")
-    save_every: int = option(50, "write checkpoints/epoch_XXXX.pth every this many epochs (latest.pth every epoch)")
-    eval_every: int = option(1, "validate every this many epochs")
-    log_every: int = option(10, "TensorBoard step-scalar interval (steps)")
-    progress_bar: bool = option(True, "show tqdm progress bars")
 
 
 # ----------------------------------------------------------------------------- losses
@@ -120,17 +117,17 @@ def _camera_suffix(path: Path) -> str:
 
 def collect_embeddings(cfg: EncoderTrainConfig, w_ids_to_idx: Dict[str, int], device: str, show_progress: bool = True) -> EmbeddingSet:
     """Embed every photo of every usable subject (through the cache) and split train / val."""
-    from fastavatar.checkpoints import normalize_subject_id
-    from fastavatar.data import discover_subjects
+    from fastavatar.data.subject_ids import normalize_subject_id
+    from fastavatar.data import discover_subjects, subject_id_from_dir
     from fastavatar.face.cache import EmbeddingCache, default_cache_dir, embed_with_cache
     from fastavatar.face.embedding import FaceEmbedder, FaceError
     from fastavatar.face.images import ImageError, list_images
-    from fastavatar.train.common import progress
+    from fastavatar.runtime import progress
 
     subject_dirs = discover_subjects(cfg.data_root)[: max(0, cfg.max_subjects)]
     usable, excluded = [], []
     for folder in subject_dirs:
-        sid = normalize_subject_id(folder.name.split("_", 1)[0])
+        sid = normalize_subject_id(subject_id_from_dir(folder) or folder.name)
         (usable if sid in w_ids_to_idx else excluded).append((sid, folder))
     excluded_ids = [sid for sid, _ in excluded]
     if excluded_ids:
@@ -199,13 +196,81 @@ def evaluate(encoder, embeddings: torch.Tensor, rows: torch.Tensor, w_vectors: t
     return {k: v / max(n, 1) for k, v in totals.items()}
 
 
+class EncoderTask(TrainTask):
+    """The W encoder on cached embeddings, for :func:`fastavatar.train.loop.run_training`."""
+
+    name = "encoder"
+
+    def __init__(self, cfg: EncoderTrainConfig, data: EmbeddingSet, w_vectors: torch.Tensor, device: torch.device):
+        from fastavatar.models.w_encoder import WEncoder
+
+        self.cfg, self.data, self.w_vectors, self.device = cfg, data, w_vectors, device
+        self.encoder = WEncoder().to(device).train()
+        optimizer = torch.optim.Adam(self.encoder.parameters(), lr=cfg.encoder_lr)
+        self.optimizers = {"encoder": optimizer}
+        self.schedulers = {"encoder": torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.scheduler_factor, patience=cfg.scheduler_patience)}
+        self.last_val: Dict[str, float] = {}
+        self.epoch, self.global_step = 0, 0
+        self.extra_base = {"subjects": data.subjects, "excluded_subjects": data.excluded_subjects,
+                           "val_cameras": list(cfg.val_cameras), "decoder_load_path": str(cfg.decoder_load_path)}
+
+    def batches(self, epoch: int):
+        self.encoder.train()
+        n = self.data.train_embeddings.shape[0]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        for s in range(0, n, max(1, self.cfg.batch_size)):
+            yield order[s : s + self.cfg.batch_size]
+
+    def losses(self, idx):
+        emb = self.data.train_embeddings[idx].to(self.device)
+        rows = self.data.train_rows[idx].to(self.device)
+        return encoder_loss(self.encoder(emb), self.w_vectors[rows], rows, self.cfg), idx.numel()
+
+    def clip_groups(self):
+        return [list(self.encoder.parameters())]
+
+    def validate(self, epoch: int) -> Dict[str, float]:
+        if self.data.val_embeddings.shape[0] == 0:
+            return {}
+        self.last_val = evaluate(self.encoder, self.data.val_embeddings, self.data.val_rows, self.w_vectors, self.cfg,
+                                 self.device)
+        return self.last_val
+
+    def scheduler_metric(self, train_loss: float, val) -> float:
+        return self.last_val.get("total", train_loss)
+
+    def best_score(self, val) -> Optional[float]:
+        return val.get("cosine")
+
+    def save_checkpoint(self, path: Path, epoch: int, global_step: int, record) -> None:
+        from fastavatar.io.checkpoints import save_w_encoder_checkpoint
+
+        self.epoch, self.global_step = epoch, global_step
+        extra = {**self.extra_base, "train_loss": record["train_loss"], "val": dict(self.last_val),
+                 "best_score": record["best_score"], "epoch_seconds": record["seconds"]}
+        save_w_encoder_checkpoint(path, self.encoder, epoch=epoch, global_step=global_step,
+                                  config=config_to_dict(self.cfg), optimizer_dict=self.optimizers["encoder"].state_dict(),
+                                  scheduler_dict=self.schedulers["encoder"].state_dict(), extra=extra)
+
+    def load_checkpoint(self, ckpt) -> None:
+        self.encoder.load_state_dict(ckpt["model_dict"], strict=True)
+        if ckpt.get("optimizer_dict"):
+            self.optimizers["encoder"].load_state_dict(ckpt["optimizer_dict"])
+        if ckpt.get("scheduler_dict"):
+            self.schedulers["encoder"].load_state_dict(ckpt["scheduler_dict"])
+        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+
+    def epoch_summary(self, record) -> str:
+        val = record.get("val")
+        return f"train loss {record['train_loss']:.5f}" + (
+            f", val cos {val['cosine']:.4f} mse {val['mse']:.5f}" if val else "")
+
+
 def train_encoder(cfg: EncoderTrainConfig) -> Dict[str, object]:
     """Run W-encoder training; returns final metrics (also written to ``metrics.json``)."""
-    from fastavatar.checkpoints import load_checkpoint_file, load_decoder, save_w_encoder_checkpoint
-    from fastavatar.models.w_encoder import WEncoder
-    from fastavatar.train.common import RunDir, check_finite, progress, resolve_device, seed_everything
-
     from fastavatar.face.embedding import resolve_insightface_root
+    from fastavatar.io.checkpoints import load_decoder
 
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -218,79 +283,11 @@ def train_encoder(cfg: EncoderTrainConfig) -> Dict[str, object]:
     run = RunDir(Path(cfg.output_dir))
     save_config(cfg, run.path)
     try:
-        data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress_bar)
-
-        encoder = WEncoder().to(device).train()
-        optimizer = torch.optim.Adam(encoder.parameters(), lr=cfg.encoder_lr)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.scheduler_factor, patience=cfg.scheduler_patience)
-        start_epoch, global_step, best_cos = 1, 0, -float("inf")
-        latest = run.latest_checkpoint()
-        if cfg.resume:
-            if latest is None:
-                raise FileNotFoundError(f"--resume: no checkpoint at {run.checkpoints / 'latest.pth'}")
-            ckpt = load_checkpoint_file(latest)
-            encoder.load_state_dict(ckpt["model_dict"], strict=True)
-            if ckpt.get("optimizer_dict"):
-                optimizer.load_state_dict(ckpt["optimizer_dict"])
-            if ckpt.get("scheduler_dict"):
-                scheduler.load_state_dict(ckpt["scheduler_dict"])
-            start_epoch = int(ckpt["epoch"]) + 1
-            global_step = int(ckpt["global_step"])
-            best_cos = float((ckpt.get("extra") or {}).get("best_val_cosine", best_cos))
-            print(f"[encoder] resumed from {latest} (epoch {ckpt['epoch']}, step {global_step})")
-
-        extra_base = {"subjects": data.subjects, "excluded_subjects": data.excluded_subjects,
-                      "val_cameras": list(cfg.val_cameras), "decoder_load_path": str(cfg.decoder_load_path)}
-        n = data.train_embeddings.shape[0]
-        val_metrics: Dict[str, float] = {}
-        epoch = start_epoch - 1
-        for epoch in progress(range(start_epoch, cfg.max_epochs + 1), enabled=cfg.progress_bar, desc="epochs"):
-            t0 = time.perf_counter()
-            gen = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
-            order = torch.randperm(n, generator=gen)
-            epoch_sum, epoch_count = 0.0, 0
-            for s in range(0, n, max(1, cfg.batch_size)):
-                idx = order[s : s + cfg.batch_size]
-                emb = data.train_embeddings[idx].to(device)
-                rows = data.train_rows[idx].to(device)
-                losses = encoder_loss(encoder(emb), w_vectors[rows], rows, cfg)
-                global_step += 1
-                check_finite(losses["total"], global_step, run.path, "encoder loss")
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                if cfg.gradient_clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(encoder.parameters(), cfg.gradient_clip_norm)
-                optimizer.step()
-                epoch_sum += float(losses["total"].detach()) * idx.numel()
-                epoch_count += idx.numel()
-                if global_step % max(1, cfg.log_every) == 0:
-                    for k, v in losses.items():
-                        run.scalar(f"train/{k}", float(v), global_step)
-            train_loss = epoch_sum / max(epoch_count, 1)
-            run.scalar("epoch/train_loss", train_loss, epoch)
-            run.scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
-            has_val = data.val_embeddings.shape[0] > 0
-            if has_val and (epoch % max(1, cfg.eval_every) == 0 or epoch == cfg.max_epochs):
-                val_metrics = evaluate(encoder, data.val_embeddings, data.val_rows, w_vectors, cfg, device)
-                for k, v in val_metrics.items():
-                    run.scalar(f"val/{k}", v, epoch)
-            scheduler.step(val_metrics.get("total", train_loss) if has_val and val_metrics else train_loss)
-            extra = {**extra_base, "train_loss": train_loss, "val": dict(val_metrics),
-                     "best_val_cosine": max(best_cos, val_metrics.get("cosine", -float("inf")))
-                     if val_metrics else best_cos, "epoch_seconds": time.perf_counter() - t0}
-            state = dict(epoch=epoch, global_step=global_step, config=config_to_dict(cfg),
-                         optimizer_dict=optimizer.state_dict(), scheduler_dict=scheduler.state_dict(), extra=extra)
-            save_w_encoder_checkpoint(run.checkpoints / "latest.pth", encoder, **state)
-            if epoch % max(1, cfg.save_every) == 0 or epoch == cfg.max_epochs:
-                save_w_encoder_checkpoint(run.checkpoints / f"epoch_{epoch:04d}.pth", encoder, **state)
-            if val_metrics and val_metrics["cosine"] > best_cos:
-                best_cos = val_metrics["cosine"]
-                save_w_encoder_checkpoint(run.checkpoints / "best.pth", encoder, **state)
-            print(f"[encoder] epoch {epoch}: train loss {train_loss:.5f}"
-                  + (f", val cos {val_metrics['cosine']:.4f} mse {val_metrics['mse']:.5f}" if val_metrics else ""))
-        metrics = {"epoch": epoch, "global_step": global_step, "val": val_metrics,
-                   "num_train": int(n), "num_val": int(data.val_embeddings.shape[0]),
+        data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress)
+        task = EncoderTask(cfg, data, w_vectors, device)
+        run_training(task, cfg, run, DistEnv.single(device))
+        metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
+                   "num_train": int(data.train_embeddings.shape[0]), "num_val": int(data.val_embeddings.shape[0]),
                    "subjects": data.subjects, "excluded_subjects": data.excluded_subjects,
                    "failed_images": [p for p, _ in data.failed_images]}
         atomic_write_json(run.path / "metrics.json", metrics)

@@ -3,13 +3,13 @@
 Data: VHAP/NeRSemble subjects in COLMAP layout (:class:`fastavatar.data.SubjectParser`). One
 item = one view of one subject:
 - input: the view (white background) squashed to 224x224 and ImageNet-normalised
-  (:func:`fastavatar.models.tracker.preprocess_for_tracker`, ``squash`` like the released
+  (:func:`fastavatar.face.tracker_input.preprocess_for_tracker`, ``squash`` like the released
   inference, or ``pad``);
 - targets: the subject's 10144 FLAME-face centroids ``points [N,3]`` (world frame, as the
   no-guidance path feeds them straight to the decoder) and that view's OpenCV c2w
   ``rotation_matrix [3,3]`` / ``translation [3]``.
 
-Losses (:func:`fastavatar.models.tracker.tracker_loss`): points L2 (MSE, released) or L1,
+Losses (:func:`fastavatar.losses.tracker_loss`): points L2 (MSE, released) or L1,
 geodesic rotation angle, translation MSE; each weighted. The ``mean_shape`` buffer is set to
 the training subjects' mean point cloud (the released loader reads such a ``mean_shape`` from
 ``metadata.json``), so the head learns residuals around it.
@@ -29,32 +29,39 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Literal, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fastavatar.config import config_to_dict, option, save_config
-from fastavatar.utils.io import atomic_write_json, atomic_write_text
+from fastavatar.data.subject_ids import normalize_subject_id
+from fastavatar.io.atomic import atomic_write_json, atomic_write_text
+from fastavatar.runtime import progress, resolve_device, seed_everything
+from fastavatar.train.common import DistEnv, RunDir
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, run_training
 
 
 @dataclass
-class TrackerTrainConfig:
+class TrackerTrainConfig(TrainLoopConfig):
+    """Tracker training (the shared loop's knobs: :class:`fastavatar.train.loop.TrainLoopConfig`)."""
+
+    # loop defaults for this trainer
+    output_dir: str = option("runs/tracker", "run folder: config.yaml, checkpoints/, tb/, metadata.json, args.json")
     # data
     data_root: str = option("data/nersemble", "folder of subject folders (<id>/ with sparse/ and images/)")
     max_subjects: int = option(417, "use at most this many subjects (sorted by id)")
     val_subjects: List[str] = option([], "subject ids held out for validation (empty: the last subject if >= 2)")
     image_scale: float = option(0.5, "scale at which views are read before the 224x224 resize")
-    preprocess: str = option("squash", "tracker input: squash (released inference) or pad (aspect kept)")
+    preprocess: Literal["squash", "pad"] = option("squash", "tracker input: squash (released inference) or pad (aspect kept)")
     num_workers: int = option(0, "DataLoader workers")
     cache_images: bool = option(True, "keep preprocessed 224x224 inputs in memory")
     # model
     backbone_weights: str = option("pretrained_weights/dinov2_vitb14_pretrain.pth", "DINOv2 backbone weights (facebookresearch names)")
     random_backbone: bool = option(False, "start from a random backbone (tests / smoke runs only)")
-    dino_model: str = option("dinov2_vitb14", "backbone preset: dinov2_vits14, dinov2_vitb14, dinov2_vitl14")
+    dino_model: Literal["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14"] = option("dinov2_vitb14", "backbone preset: dinov2_vits14, dinov2_vitb14, dinov2_vitl14")
     vit_embed_dim: int = option(0, "override backbone width (0: preset; tests use a tiny ViT)")
     vit_depth: int = option(0, "override backbone depth (0: preset)")
     vit_num_heads: int = option(0, "override backbone heads (0: preset)")
@@ -68,23 +75,13 @@ class TrackerTrainConfig:
     backbone_lr: float = option(1e-5, "learning rate of the backbone when not frozen")
     weight_decay: float = option(0.0, "AdamW weight decay")
     batch_size: int = option(8, "views per step")
-    max_epochs: int = option(100, "epochs")
-    points_loss: str = option("l2", "points loss: l2 (MSE, released) or l1")
+    points_loss: Literal["l2", "l1"] = option("l2", "points loss: l2 (MSE, released) or l1")
     points_weight: float = option(1.0, "weight of the points loss")
     rotation_weight: float = option(1.0, "weight of the geodesic rotation loss (radians)")
     translation_weight: float = option(1.0, "weight of the translation MSE")
-    gradient_clip_norm: float = option(1.0, "gradient-norm clip (0 disables)")
     scheduler_patience: int = option(5, "ReduceLROnPlateau patience (epochs)")
     scheduler_factor: float = option(0.5, "ReduceLROnPlateau factor")
-    seed: int = option(42, "random seed")
-    # bookkeeping
-    output_dir: str = option("runs/tracker", "run folder: config.yaml, checkpoints/, tb/, metadata.json, args.json")
-    device: str = option("auto", "torch device: auto, cpu, cuda")
-    resume: bool = option(False, "continue from output_dir/checkpoints/latest.pth")
-    save_every: int = option(10, "write checkpoints/epoch_XXXX.pth every this many epochs (latest.pth every epoch)")
-    eval_every: int = option(1, "validate every this many epochs")
-    log_every: int = option(10, "TensorBoard step-scalar interval (steps)")
-    progress_bar: bool = option(True, "show tqdm progress bars")
+
 
 
 class TrackerViews(Dataset):
@@ -102,7 +99,7 @@ class TrackerViews(Dataset):
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
-        from fastavatar.models.tracker import preprocess_for_tracker
+        from fastavatar.face.tracker_input import preprocess_for_tracker
 
         s, v = self.items[index]
         parser = self.parsers[s]
@@ -118,6 +115,7 @@ class TrackerViews(Dataset):
 
 def build_tracker(cfg: TrackerTrainConfig):
     """A DinoTracker per config, backbone loaded from ``backbone_weights`` unless random."""
+    from fastavatar.io.checkpoints.tracker import load_backbone_weights
     from fastavatar.models.tracker import DinoTracker, TrackerConfig
     from fastavatar.models.vit import ViTConfig
 
@@ -139,14 +137,14 @@ def build_tracker(cfg: TrackerTrainConfig):
                 f"DINOv2 backbone weights not found: {path}; put dinov2_vitb14_pretrain.pth (facebookresearch/dinov2 "
                 f"ViT-B/14) in pretrained_weights/ (see pretrained_weights/README.md), or pass --random_backbone for a smoke run"
             )
-        tracker.load_backbone_weights(path)
+        load_backbone_weights(tracker.backbone, path)
     return tracker
 
 
 @torch.no_grad()
 def evaluate(tracker, loader, cfg: TrackerTrainConfig, device: torch.device) -> Dict[str, float]:
     """Mean losses and errors on ``loader``: point error (m), rotation error (deg), centre error (m)."""
-    from fastavatar.models.tracker import geodesic_angle, tracker_loss
+    from fastavatar.losses import geodesic_angle, tracker_loss
 
     tracker.eval()
     sums: Dict[str, float] = {}
@@ -182,12 +180,93 @@ def _write_sidecars(run_path: Path, tracker, cfg: TrackerTrainConfig) -> None:
                                                **config_to_dict(cfg)})
 
 
+class TrackerTask(TrainTask):
+    """The DINOv2 tracker on (subject, view) items, for :func:`fastavatar.train.loop.run_training`."""
+
+    name = "tracker"
+
+    def __init__(self, cfg: TrackerTrainConfig, tracker, train_p, val_p, device: torch.device, run_path: Path) -> None:
+        self.cfg, self.tracker, self.device, self.run_path = cfg, tracker, device, run_path
+        self.train_subjects = [p.subject_id for p in train_p]
+        self.val_subjects = [p.subject_id for p in val_p]
+        train_ds = TrackerViews(train_p, cfg.preprocess, cfg.cache_images)
+        val_ds = TrackerViews(val_p, cfg.preprocess, cfg.cache_images) if val_p else None
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=self.gen,
+                                       num_workers=cfg.num_workers, drop_last=False)
+        self.val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False,
+                                     num_workers=cfg.num_workers) if val_ds is not None else None
+        head_params = [p for n, p in tracker.named_parameters() if not n.startswith("encoder.dino.")]
+        self.groups = [{"params": head_params, "lr": cfg.lr}]
+        if not cfg.freeze_backbone:
+            self.groups.append({"params": list(tracker.backbone.parameters()), "lr": cfg.backbone_lr})
+        optimizer = torch.optim.AdamW(self.groups, weight_decay=cfg.weight_decay)
+        self.optimizers = {"tracker": optimizer}
+        self.schedulers = {"tracker": torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.scheduler_factor, patience=cfg.scheduler_patience)}
+        self.weights = {"points": cfg.points_weight, "rotation": cfg.rotation_weight,
+                        "translation": cfg.translation_weight}
+        self.last_val: Dict[str, float] = {}
+        self.epoch, self.global_step = 0, 0
+
+    def start(self, start_epoch: int) -> None:
+        _write_sidecars(self.run_path, self.tracker, self.cfg)  # after a resume: the restored mean shape
+
+    def batches(self, epoch: int):
+        self.tracker.train()
+        for batch in self.train_loader:
+            yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def losses(self, batch):
+        from fastavatar.losses import tracker_loss
+
+        pred = self.tracker(batch["image"])
+        points_loss = "l1" if self.cfg.points_loss == "l1" else "mse"
+        return tracker_loss(pred, batch, points_loss=points_loss, weights=self.weights), batch["image"].shape[0]
+
+    def clip_groups(self):
+        return [[p for g in self.groups for p in g["params"]]]
+
+    def validate(self, epoch: int) -> Dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        self.last_val = evaluate(self.tracker, self.val_loader, self.cfg, self.device)
+        return self.last_val
+
+    def scheduler_metric(self, train_loss: float, val) -> float:
+        return self.last_val.get("loss_total", train_loss)
+
+    def save_checkpoint(self, path: Path, epoch: int, global_step: int, record) -> None:
+        from fastavatar.io.checkpoints import save_tracker_checkpoint
+
+        self.epoch, self.global_step = epoch, global_step
+        extra = {"train_loss": record["train_loss"], "val": dict(self.last_val), "epoch_seconds": record["seconds"],
+                 "train_subjects": self.train_subjects, "val_subjects": self.val_subjects}
+        save_tracker_checkpoint(path, self.tracker, epoch=epoch, global_step=global_step,
+                                config=config_to_dict(self.cfg), optimizer_dict=self.optimizers["tracker"].state_dict(),
+                                scheduler_dict=self.schedulers["tracker"].state_dict(), extra=extra)
+
+    def load_checkpoint(self, ckpt) -> None:
+        self.tracker.load_state_dict(ckpt["model_state_dict"], strict=True)
+        if ckpt.get("optimizer_dict"):
+            self.optimizers["tracker"].load_state_dict(ckpt["optimizer_dict"])
+        if ckpt.get("scheduler_dict"):
+            self.schedulers["tracker"].load_state_dict(ckpt["scheduler_dict"])
+        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.gen.manual_seed(self.cfg.seed + self.epoch + 1)
+
+    def epoch_summary(self, record) -> str:
+        msg = f"train loss {record['train_loss']:.5f}"
+        val = record.get("val")
+        if val:
+            msg += (f", val points {val['point_error_m'] * 1000:.1f} mm, rot {val['rotation_error_deg']:.2f} deg, "
+                    f"trans {val['translation_error_m']:.3f} m")
+        return msg
+
+
 def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
     """Run tracker training; returns final metrics (also written to ``metrics.json``)."""
-    from fastavatar.checkpoints import load_checkpoint_file, normalize_subject_id, save_tracker_checkpoint
     from fastavatar.data import SubjectParser, discover_subjects
-    from fastavatar.models.tracker import tracker_loss
-    from fastavatar.train.common import RunDir, check_finite, progress, resolve_device, seed_everything
 
     if cfg.points_loss not in ("l1", "l2"):
         raise ValueError(f"--points_loss must be l1 or l2, got {cfg.points_loss!r}")
@@ -198,7 +277,7 @@ def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
     save_config(cfg, run.path)
     try:
         dirs = discover_subjects(cfg.data_root)[: max(0, cfg.max_subjects)]
-        parsers = [SubjectParser(d, image_scale=cfg.image_scale) for d in progress(dirs, enabled=cfg.progress_bar, desc="subjects")]
+        parsers = [SubjectParser(d, image_scale=cfg.image_scale) for d in progress(dirs, enabled=cfg.progress, desc="subjects")]
         ids = [normalize_subject_id(p.subject_id) for p in parsers]
         wanted = [normalize_subject_id(s) for s in cfg.val_subjects]
         unknown = [s for s in wanted if s not in ids]
@@ -217,84 +296,10 @@ def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
         print(f"[tracker] train subjects {[p.subject_id for p in train_p]}, val subjects {[p.subject_id for p in val_p]}")
 
         tracker.set_mean_shape(torch.stack([p.points for p in train_p]).mean(dim=0))
-        tracker = tracker.to(device).train()
-        train_ds = TrackerViews(train_p, cfg.preprocess, cfg.cache_images)
-        val_ds = TrackerViews(val_p, cfg.preprocess, cfg.cache_images) if val_p else None
-        gen = torch.Generator().manual_seed(cfg.seed)
-        train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                                  num_workers=cfg.num_workers, drop_last=False)
-        val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False,
-                                num_workers=cfg.num_workers) if val_ds is not None else None
-
-        head_params = [p for n, p in tracker.named_parameters() if not n.startswith("encoder.dino.")]
-        groups = [{"params": head_params, "lr": cfg.lr}]
-        if not cfg.freeze_backbone:
-            groups.append({"params": list(tracker.backbone.parameters()), "lr": cfg.backbone_lr})
-        optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg.scheduler_factor, patience=cfg.scheduler_patience)
-        start_epoch, global_step = 1, 0
-        if cfg.resume:
-            latest = run.latest_checkpoint()
-            if latest is None:
-                raise FileNotFoundError(f"--resume: no checkpoint at {run.checkpoints / 'latest.pth'}")
-            ckpt = load_checkpoint_file(latest)
-            tracker.load_state_dict(ckpt["model_state_dict"], strict=True)
-            if ckpt.get("optimizer_dict"):
-                optimizer.load_state_dict(ckpt["optimizer_dict"])
-            if ckpt.get("scheduler_dict"):
-                scheduler.load_state_dict(ckpt["scheduler_dict"])
-            start_epoch, global_step = int(ckpt["epoch"]) + 1, int(ckpt["global_step"])
-            gen.manual_seed(cfg.seed + start_epoch)
-            print(f"[tracker] resumed from {latest} (epoch {ckpt['epoch']}, step {global_step})")
-        _write_sidecars(run.path, tracker, cfg)
-
-        weights = {"points": cfg.points_weight, "rotation": cfg.rotation_weight, "translation": cfg.translation_weight}
-        points_loss = "l1" if cfg.points_loss == "l1" else "mse"
-        val_metrics: Dict[str, float] = {}
-        epoch = start_epoch - 1
-        for epoch in progress(range(start_epoch, cfg.max_epochs + 1), enabled=cfg.progress_bar, desc="epochs"):
-            t0 = time.perf_counter()
-            epoch_sum, epoch_count = 0.0, 0
-            for batch in train_loader:
-                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-                pred = tracker(batch["image"])
-                losses = tracker_loss(pred, batch, points_loss=points_loss, weights=weights)
-                global_step += 1
-                check_finite(losses["total"], global_step, run.path, "tracker loss")
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                if cfg.gradient_clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.gradient_clip_norm)
-                optimizer.step()
-                b = batch["image"].shape[0]
-                epoch_sum += float(losses["total"].detach()) * b
-                epoch_count += b
-                if global_step % max(1, cfg.log_every) == 0:
-                    for k, v in losses.items():
-                        run.scalar(f"train/{k}", float(v.detach()), global_step)
-            train_loss = epoch_sum / max(epoch_count, 1)
-            run.scalar("epoch/train_loss", train_loss, epoch)
-            run.scalar("epoch/lr", optimizer.param_groups[0]["lr"], epoch)
-            if val_loader is not None and (epoch % max(1, cfg.eval_every) == 0 or epoch == cfg.max_epochs):
-                val_metrics = evaluate(tracker, val_loader, cfg, device)
-                for k, v in val_metrics.items():
-                    run.scalar(f"val/{k}", v, epoch)
-            scheduler.step(val_metrics.get("loss_total", train_loss) if val_metrics else train_loss)
-            extra = {"train_loss": train_loss, "val": dict(val_metrics), "epoch_seconds": time.perf_counter() - t0,
-                     "train_subjects": [p.subject_id for p in train_p], "val_subjects": [p.subject_id for p in val_p]}
-            state = dict(epoch=epoch, global_step=global_step, config=config_to_dict(cfg),
-                         optimizer_dict=optimizer.state_dict(), scheduler_dict=scheduler.state_dict(), extra=extra)
-            save_tracker_checkpoint(run.checkpoints / "latest.pth", tracker, **state)
-            if epoch % max(1, cfg.save_every) == 0 or epoch == cfg.max_epochs:
-                save_tracker_checkpoint(run.checkpoints / f"epoch_{epoch:04d}.pth", tracker, **state)
-            msg = f"[tracker] epoch {epoch}: train loss {train_loss:.5f}"
-            if val_metrics:
-                msg += (f", val points {val_metrics['point_error_m'] * 1000:.1f} mm, rot "
-                        f"{val_metrics['rotation_error_deg']:.2f} deg, trans {val_metrics['translation_error_m']:.3f} m")
-            print(msg)
-        metrics = {"epoch": epoch, "global_step": global_step, "val": val_metrics,
-                   "train_subjects": [p.subject_id for p in train_p], "val_subjects": [p.subject_id for p in val_p]}
+        task = TrackerTask(cfg, tracker.to(device).train(), train_p, val_p, device, run.path)
+        run_training(task, cfg, run, DistEnv.single(device))
+        metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
+                   "train_subjects": task.train_subjects, "val_subjects": task.val_subjects}
         if not math.isfinite(metrics["val"].get("loss_total", 0.0)):
             raise RuntimeError("validation loss is not finite")
         atomic_write_json(run.path / "metrics.json", metrics)

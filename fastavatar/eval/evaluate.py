@@ -6,7 +6,7 @@ Writes, under ``out_dir``::
     results.json         mean PSNR/SSIM/LPIPS over the scored views (+ over all views)
     per_view.json        one entry per view, with ``seen`` marking input views
 
-Masks (``fg_masks``) are respected when present, see :mod:`fastavatar.metrics`.
+Masks (``fg_masks``) are respected when present, see :mod:`fastavatar.eval.metrics`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from fastavatar.data import SubjectParser
-from fastavatar.metrics import image_metrics, mean_metrics
-from fastavatar.splats import Splats
-from fastavatar.utils.io import atomic_path, atomic_save_image, atomic_write_json
+from fastavatar.eval.metrics import image_metrics, mean_metrics
+from fastavatar.core.splats import Splats
+from fastavatar.io.atomic import atomic_path, atomic_save_image, atomic_write_json
 
 
 @torch.no_grad()
@@ -91,7 +91,7 @@ def save_turntable(splats: Splats, parser: SubjectParser, path: Path, reference_
     """A 360° orbit around the head (at the reference camera's distance) as a GIF or MP4."""
     import imageio.v2 as imageio
 
-    from fastavatar.cameras import orbit_cameras
+    from fastavatar.core.cameras import orbit_cameras
     from fastavatar.render import render_splats
 
     target = splats["means"].detach().mean(dim=0).cpu()

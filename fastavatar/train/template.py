@@ -15,16 +15,16 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 
-from fastavatar.cameras import c2w_to_w2c
+from fastavatar.core.cameras import c2w_to_w2c
 from fastavatar.config import option
 from fastavatar.data import SubjectParser
 from fastavatar.losses import photometric_loss
-from fastavatar.splats import SH_REST_COEFFS, Splats, canonical_quats, rgb_to_sh0
-from fastavatar.train.common import progress
+from fastavatar.core.splats import SH_REST_COEFFS, Splats, canonical_quats, rgb_to_sh0
+from fastavatar.runtime import progress
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TemplateFitConfig:
     sh_degree: int = option(3, "SH degree of the fitted Gaussians")
     l1_weight: float = option(0.8, "L1 weight")
     ssim_weight: float = option(0.2, "1-SSIM weight")
-    backend: str = option("auto", "renderer backend: auto, torch or gsplat")
+    render_backend: Literal["auto", "torch", "gsplat"] = option("auto", "renderer: auto, torch or gsplat")
     seed: int = option(0, "random seed (view sampling)")
 
 
@@ -105,7 +105,7 @@ def fit_subject(parser: SubjectParser, cfg: TemplateFitConfig, device="cpu", sho
         views = rng.sample(range(len(parser)), min(cfg.views_per_step, len(parser)))
         splats = {"means": means, **params}
         out = render_splats(splats, c2w[views], Ks[views], parser.width, parser.height,
-                            sh_degree=cfg.sh_degree, backend=cfg.backend)
+                            sh_degree=cfg.sh_degree, backend=cfg.render_backend)
         target = torch.stack([images[v] for v in views])
         loss = photometric_loss(out.rgb, target, cfg.l1_weight, cfg.ssim_weight, 0.0)["total"]
         optimizer.zero_grad(set_to_none=True)

@@ -14,18 +14,20 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 
 from fastavatar.config import option
 from fastavatar.losses import delta_regularisers, photometric_loss
-from fastavatar.splats import Splats, detach_splats
-from fastavatar.train.common import progress
+from fastavatar.core.splats import Splats, detach_splats
+from fastavatar.runtime import progress
 
 
 @dataclass
 class FitConfig:
+    """Test-time refinement: W steps, then hypernetwork steps (the official run: 150 + 150)."""
+
     w_steps: int = option(150, "steps optimising W only (phase 1)")
     mlp_steps: int = option(150, "steps optimising the hypernetwork only (phase 2)")
     w_lr: float = option(1e-4, "W learning rate (official)")
@@ -40,8 +42,8 @@ class FitConfig:
         True, "keep SH bands 1-3 (view-dependent colour) from the start: one view cannot constrain them, and "
               "fitting them overfits the input camera's elevation (the original refined them)")
     sh_degree: int = option(3, "SH degree rendered")
-    backend: str = option("auto", "renderer backend")
-    precision: str = option(
+    render_backend: Literal["auto", "torch", "gsplat"] = option("auto", "renderer: auto (gsplat on CUDA, torch otherwise)")
+    precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "decoder matmul precision while refining: fp32, bf16, or auto (bf16 on CPUs with native bf16 "
                 "matmuls, ~1.7x faster per step; fp32 elsewhere). The returned splats are always decoded in fp32")
 
@@ -122,7 +124,7 @@ def fit_to_views(
                       **{k: out[k][0].float() for k in ("quats", "scales", "opacities", "sh0", "shN")}}
             if cfg.keep_view_dependent:
                 splats["shN"] = initial["shN"]
-            rgb = render_splats(splats, c2w, Ks, width, height, sh_degree=cfg.sh_degree, backend=cfg.backend).rgb
+            rgb = render_splats(splats, c2w, Ks, width, height, sh_degree=cfg.sh_degree, backend=cfg.render_backend).rgb
             parts = photometric_loss(rgb, images, cfg.l1_weight, cfg.ssim_weight, cfg.lpips_weight, lpips_model)
             regs = delta_regularisers({k: v.float() for k, v in out["raw_deltas"].items()}, cfg.scale_reg, cfg.pos_reg)
             loss = parts["total"] + sum(regs.values()) if regs else parts["total"]

@@ -4,7 +4,7 @@ File layout (binary little-endian, every property float32, in this order)::
 
     x y z  nx ny nz  f_dc_0..2  f_rest_0..44  opacity  scale_0..2  rot_0..3
 
-Values are stored raw, exactly as in :mod:`fastavatar.splats`: log scales, logit opacity, wxyz
+Values are stored raw, exactly as in :mod:`fastavatar.core.splats`: log scales, logit opacity, wxyz
 quaternion (we write it normalised with w >= 0), SH coefficients. ``f_rest`` is **channel-major**:
 f_rest_0..14 are the R coefficients of bands 1..3, then 15 G, then 15 B, i.e. ``shN.permute(0, 2, 1)``.
 Normals are written as zeros (viewers ignore them; the INRIA files carry them).
@@ -24,8 +24,8 @@ from typing import Union
 import numpy as np
 import torch
 
-from fastavatar.splats import Splats, canonical_quats, validate_splats
-from fastavatar.utils.io import atomic_path
+from fastavatar.core.splats import Splats, canonical_quats, validate_splats
+from fastavatar.io.atomic import atomic_path
 
 PathLike = Union[str, Path]
 

@@ -19,14 +19,14 @@ import torch
 
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data import SubjectParser, discover_subjects
-from fastavatar.evaluate import evaluate_reconstruction, save_turntable
-from fastavatar.fit import FitConfig, fit_to_views, mean_w
+from fastavatar.eval.evaluate import evaluate_reconstruction, save_turntable
+from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
 from fastavatar.losses import load_lpips
-from fastavatar.ply import save_ply
-from fastavatar.template import TemplateFitConfig, build_template
-from fastavatar.train.common import resolve_device, seed_everything
+from fastavatar.io.ply import save_ply
+from fastavatar.train.template import TemplateFitConfig, build_template
+from fastavatar.runtime import resolve_device, seed_everything
 from fastavatar.train.decoder import DecoderTrainConfig, train_decoder
-from fastavatar.utils.io import atomic_write_json
+from fastavatar.io.atomic import atomic_write_json
 
 
 @dataclass
@@ -42,14 +42,12 @@ class DemoConfig:
     decoder_hidden_dim: int = option(128, "hypernetwork width for the demo (official: 256)")
     decoder_body_layers: int = option(4, "hypernetwork depth for the demo (official: 6)")
     views_per_subject: int = option(3, "views rendered per decoder pass during training")
-    mlp_lr: float = option(1e-3, "decoder/fit MLP learning rate (larger than official for a short CPU run)")
-    w_lr: float = option(1e-2, "decoder/fit W learning rate")
-    fit_w_steps: int = option(60, "test-time W steps")
-    fit_mlp_steps: int = option(60, "test-time MLP steps")
-    keep_view_dependent: bool = option(True, "keep SH bands 1-3 fixed while fitting one view (see fastavatar.fit)")
+    decoder_mlp_lr: float = option(1e-3, "decoder MLP learning rate (larger than official for a short CPU run)")
+    decoder_w_lr: float = option(1e-2, "decoder W learning rate")
+    fit: FitConfig = option(FitConfig(w_steps=60, mlp_steps=60, w_lr=1e-2, mlp_lr=1e-3),
+                            "the single-view fit (renderer for every stage: --render_backend)")
     turntable_frames: int = option(36, "frames in the turntable GIF")
     device: str = option("auto", "auto, cpu or cuda")
-    backend: str = option("auto", "renderer backend")
     seed: int = option(0, "random seed")
 
 
@@ -60,13 +58,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     save_config(cfg, out)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    backend = cfg.fit.render_backend
     timings = {}
 
     print(f"[demo] 1/4 template from subjects {cfg.train_subjects} at scale {cfg.image_scale}")
     t0 = time.time()
     train_parsers = [SubjectParser(p, image_scale=cfg.image_scale)
                      for p in discover_subjects(cfg.data_root, cfg.train_subjects, verbose=True)]
-    template = build_template(train_parsers, TemplateFitConfig(iterations=cfg.template_iterations, backend=cfg.backend,
+    template = build_template(train_parsers, TemplateFitConfig(iterations=cfg.template_iterations, render_backend=backend,
                                                                seed=cfg.seed), device=device)
     template_path = out / "template.ply"
     save_ply(template_path, template)
@@ -77,16 +76,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     train_cfg = DecoderTrainConfig(
         data_root=cfg.data_root, subjects=list(cfg.train_subjects), image_scale=cfg.image_scale, val_views=[cfg.input_view],
         ply_file_path=str(template_path), hidden_dim=cfg.decoder_hidden_dim, body_layers=cfg.decoder_body_layers,
-        max_epochs=cfg.decoder_epochs, views_per_subject=cfg.views_per_subject, mlp_lr=cfg.mlp_lr, w_lr=cfg.w_lr,
+        max_epochs=cfg.decoder_epochs, views_per_subject=cfg.views_per_subject, mlp_lr=cfg.decoder_mlp_lr,
+        w_lr=cfg.decoder_w_lr,
         output_dir=str(out / "decoder_run"), eval_every=max(cfg.decoder_epochs // 2, 1), save_every=cfg.decoder_epochs,
-        device=str(device), backend=cfg.backend, seed=cfg.seed, w_init_std=0.1, lpips_weight=0.1,
+        device=str(device), render_backend=backend, seed=cfg.seed, w_init_std=0.1, lpips_weight=0.1,
     )
     run_dir = train_decoder(train_cfg)
     timings["decoder_training_s"] = time.time() - t0
 
     print(f"[demo] 3/4 reconstruct subject {cfg.test_subject} from view {cfg.input_view} only")
     t0 = time.time()
-    from fastavatar.checkpoints import load_decoder
+    from fastavatar.io.checkpoints import load_decoder
 
     decoder, w_vectors, _ = load_decoder(run_dir / "checkpoints" / "latest.pth", device=device)
     test = SubjectParser(discover_subjects(cfg.data_root, [cfg.test_subject])[0], image_scale=cfg.image_scale)
@@ -94,11 +94,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     points = test.points.to(device)
     view = cfg.input_view
     image = test.load_image(view).to(device)[None]
-    fit_cfg = FitConfig(w_steps=cfg.fit_w_steps, mlp_steps=cfg.fit_mlp_steps, w_lr=cfg.w_lr, mlp_lr=cfg.mlp_lr,
-                        backend=cfg.backend, keep_view_dependent=cfg.keep_view_dependent)
     w0 = mean_w(w_vectors).to(device)
     result = fit_to_views(decoder, w0, points, image, test.c2w[view:view + 1].to(device),
-                          test.Ks[view:view + 1].to(device), test.width, test.height, fit_cfg, lpips_model)
+                          test.Ks[view:view + 1].to(device), test.width, test.height, cfg.fit, lpips_model)
     timings["fit_s"] = time.time() - t0
     recon = out / "reconstruction"
     save_ply(recon / "splats.ply", result.splats)
@@ -108,13 +106,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     t0 = time.time()
     template_splats = decoder.template_splats(points)
     scores = {
-        "fit": evaluate_reconstruction(result.splats, test, recon, [view], lpips_model, cfg.backend, device),
+        "fit": evaluate_reconstruction(result.splats, test, recon, [view], lpips_model, backend, device),
         "decoder_mean_w": evaluate_reconstruction(result.initial_splats, test, None, [view], lpips_model,
-                                                  cfg.backend, device),
-        "template": evaluate_reconstruction(template_splats, test, None, [view], lpips_model, cfg.backend, device),
+                                                  backend, device),
+        "template": evaluate_reconstruction(template_splats, test, None, [view], lpips_model, backend, device),
     }
     gif = save_turntable(result.splats, test, recon / "turntable.gif", reference_view=view,
-                         num_frames=cfg.turntable_frames, backend=cfg.backend, device=device)
+                         num_frames=cfg.turntable_frames, backend=backend, device=device)
     timings["evaluation_s"] = time.time() - t0
     timings["total_s"] = time.time() - t_start
     summary = {

@@ -1,6 +1,6 @@
 """Quaternions, rotation vectors and rotation matrices (torch, batched over leading dims).
 
-Quaternions are w x y z (``fastavatar.splats``); rotation matrices act on column vectors
+Quaternions are w x y z (``fastavatar.core.splats``); rotation matrices act on column vectors
 (``x' = R x``); canonical sign is w >= 0. Used by the animation rig, the viewer, the tracker's
 quaternion pose head and the rasterizer's covariances.
 """

@@ -16,7 +16,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 
-from fastavatar.splats import Splats, activate, sh0_to_rgb
+from fastavatar.core.splats import Splats, activate, sh0_to_rgb
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ViewerConfig:
 
 def splats_to_viser(splats: Splats) -> Dict[str, np.ndarray]:
     """Raw splats -> viser arrays: centers [N,3], covariances [N,3,3], rgbs [N,3] (0..1), opacities [N,1]."""
-    from fastavatar.rotations import quat_to_matrix
+    from fastavatar.core.rotations import quat_to_matrix
 
     act = activate({k: v.detach().float().cpu() for k, v in splats.items()})
     rot = quat_to_matrix(act["quats"])

@@ -10,7 +10,7 @@ Conventions (owned here, used everywhere):
 - ``sh0``       [N, 1, 3] SH DC coefficient per RGB channel (band 0).
 - ``shN``       [N, 15, 3] SH bands 1..3 (coefficient-major in memory: [N, K, 3]).
                         In the PLY file they are stored channel-major
-                        (f_rest_0..14 = R, 15..29 = G, 30..44 = B), see ``fastavatar.ply``.
+                        (f_rest_0..14 = R, 15..29 = G, 30..44 = B), see ``fastavatar.io.ply``.
 Colour = SH(dirs) + 0.5, clamped at 0 (the 3DGS/gsplat convention).
 
 Activation happens in one place: :func:`activate`.
