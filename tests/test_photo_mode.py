@@ -151,3 +151,36 @@ def test_bad_photo_inputs_are_one_line(tiny_decoder, tmp_path, capsys):
         assert "Traceback" not in captured.err
     # the folder case said why each photo was skipped, one line each
     assert "noise.png: no face found" in captured.out and "broken.jpg: not an image file" in captured.out
+
+
+@pytest.mark.slow
+def test_initialisation_uses_official_models_when_present(tiny_decoder, tmp_path, data_root):
+    """With a W encoder, buffalo_l and a tracker on disk (tiny stand-ins), W comes from the encoder and the
+    points and a cross-check pose from the tracker; without them, the mean W and the template points."""
+    from face_fixtures import build_tiny_buffalo
+    from official_layout import tiny_tracker_config
+
+    from fastavatar.face.images import load_rgb
+    from fastavatar.inference.photo import PhotoConfig, initialise
+    from fastavatar.io.checkpoints import load_decoder, save_tracker_checkpoint, save_w_encoder_checkpoint
+    from fastavatar.models.tracker import DinoTracker
+    from fastavatar.models.w_encoder import WEncoder
+
+    decoder, w_vectors, _ = load_decoder(tiny_decoder)
+    save_w_encoder_checkpoint(tmp_path / "encoder.pth", WEncoder().eval(), 1, 1)
+    save_tracker_checkpoint(tmp_path / "dino.pth", DinoTracker(tiny_tracker_config(decoder.num_gaussians)), 0, 0,
+                            config={})
+    buffalo = build_tiny_buffalo(tmp_path / "buffalo_l")
+    image = load_rgb(data_root / "128" / "images" / "00000_08.png")
+    cfg = PhotoConfig(encoder_checkpoint=str(tmp_path / "encoder.pth"), dino_checkpoint=str(tmp_path / "dino.pth"),
+                      insightface_root=str(buffalo))
+    init = initialise(cfg, decoder, w_vectors, image, torch.device("cpu"))
+    assert init.w_source == "encoder" and init.points_source == "tracker"
+    assert init.points.shape == (decoder.num_gaussians, 3) and init.tracker_c2w.shape == (4, 4)
+    assert not torch.allclose(init.w, w_vectors.mean(0, keepdim=True))
+    bare = initialise(PhotoConfig(encoder_checkpoint=str(tmp_path / "none.pth"),
+                                  dino_checkpoint=str(tmp_path / "none.pth")), decoder, w_vectors, image,
+                      torch.device("cpu"))
+    assert bare.w_source.startswith("mean_w (no W-encoder checkpoint") and bare.points_source.startswith("template")
+    torch.testing.assert_close(bare.w, w_vectors.mean(0, keepdim=True))
+    torch.testing.assert_close(bare.points, decoder.template_means)
