@@ -37,9 +37,10 @@ def _scene(seed: int = 0, n: int = N, cams: int = 2, width: int = 32, height: in
     return [means, quats, scales, opacities, sh], viewmats, Ks, backgrounds
 
 
-def _render(backend, params, viewmats, Ks, w, h, bg, degree=3, config=None):
+def _render(backend, params, viewmats, Ks, w, h, bg, degree=3, config=None, antialiased=False):
     return rasterize(
-        *params, viewmats, Ks, w, h, sh_degree=degree, backgrounds=bg, backend=backend, torch_config=config
+        *params, viewmats, Ks, w, h, sh_degree=degree, backgrounds=bg, backend=backend, torch_config=config,
+        antialiased=antialiased,
     )
 
 
@@ -50,11 +51,12 @@ def _assert_outputs_close(a: RenderOutput, b: RenderOutput, atol=1e-4):
     torch.testing.assert_close(a.depth[drawn], b.depth[drawn], rtol=1e-4, atol=atol)
 
 
+@pytest.mark.parametrize("antialiased", [False, True])
 @pytest.mark.parametrize("degree", [0, 1, 2, 3])
-def test_forward_matches_dense(degree):
+def test_forward_matches_dense(degree, antialiased):
     params, viewmats, Ks, bg = _scene(seed=degree)
-    ours = _render("torch", params, viewmats, Ks, 32, 32, bg, degree)
-    ref = _render("reference", params, viewmats, Ks, 32, 32, bg, degree)
+    ours = _render("torch", params, viewmats, Ks, 32, 32, bg, degree, antialiased=antialiased)
+    ref = _render("reference", params, viewmats, Ks, 32, 32, bg, degree, antialiased=antialiased)
     assert ours.rgb.shape == (2, 32, 32, 3)
     assert (ref.alpha > 0.5).float().mean() > 0.1  # the scene covers a good part of the image
     _assert_outputs_close(ours, ref)
@@ -75,12 +77,13 @@ def _grads(out: RenderOutput, params, cotangents):
     return torch.autograd.grad([out.rgb, out.alpha, out.depth], params, cotangents)
 
 
+@pytest.mark.parametrize("antialiased", [False, True])
 @pytest.mark.parametrize("degree", [1, 3])
-def test_gradients_match_dense(degree):
+def test_gradients_match_dense(degree, antialiased):
     params, viewmats, Ks, bg = _scene(seed=10 + degree)
     params = [p.clone().requires_grad_(True) for p in params]
-    ours = _render("torch", params, viewmats, Ks, 32, 32, bg, degree)
-    ref = _render("reference", params, viewmats, Ks, 32, 32, bg, degree)
+    ours = _render("torch", params, viewmats, Ks, 32, 32, bg, degree, antialiased=antialiased)
+    ref = _render("reference", params, viewmats, Ks, 32, 32, bg, degree, antialiased=antialiased)
     g = torch.Generator().manual_seed(3)
     cots = [torch.randn(t.shape, generator=g) for t in (ref.rgb, ref.alpha, ref.depth)]
     cots[2] = cots[2] * (ref.alpha > 1e-3)  # depth / alpha is ill-conditioned where alpha ~ 0
@@ -159,8 +162,31 @@ def test_render_splats_raw_parameters():
         assert v.grad is not None and v.grad.abs().sum() > 0, k
 
 
+def test_antialiased_compensation_is_gsplats():
+    """Our compensation factor equals gsplat's (pure-torch reference) on random projected Gaussians."""
+    from gsplat.cuda._torch_impl import _fully_fused_projection
+
+    from fastavatar.render.projection import antialias_compensation, project_gaussians, quat_scale_to_covar
+
+    params, viewmats, Ks, _ = _scene(seed=8)
+    params[2] = params[2] * 0.2  # small Gaussians: factors well below 1
+    covars = quat_scale_to_covar(params[1], params[2])
+    proj = project_gaussians(params[0], covars, viewmats, Ks, 32, 32)
+    radii, _, _, _, comp = _fully_fused_projection(params[0], covars, viewmats, Ks, 32, 32, calc_compensations=True)
+    ok = proj.valid & (radii > 0).all(-1)
+    ours = antialias_compensation(proj.covars2d)
+    assert ok.sum() > 50 and comp[ok].min() < 0.5
+    torch.testing.assert_close(ours[ok], comp[ok], rtol=1e-4, atol=1e-6)
+
+
 def test_backend_resolution_on_cpu():
-    assert resolve_backend("auto", "cpu") == "torch"
+    try:
+        import numba  # noqa: F401
+
+        expected = "numba"
+    except ImportError:
+        expected = "torch"
+    assert resolve_backend("auto", "cpu") == expected
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda", "cpu")
     params, viewmats, Ks, bg = _scene(cams=1)

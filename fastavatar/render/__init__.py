@@ -1,16 +1,22 @@
 """Differentiable Gaussian-splat rendering: splats + cameras -> RGB, alpha and depth.
 
-Backends (all render the same image, gsplat "classic" semantics):
-- ``"gsplat"``: gsplat's CUDA ``rasterization`` (imported lazily, CUDA tensors only).
-- ``"torch"``: our own sparse rasterizer in plain PyTorch (:mod:`.rasterize_torch`), CPU or GPU.
+Backends (all render the same image, gsplat "classic" semantics, or "antialiased" with ``antialiased=True``):
+- ``"gsplat"``: gsplat's CUDA ``rasterization`` (imported lazily, CUDA tensors only). Asked for
+  explicitly, it fails with the reason when gsplat cannot build or run; it never falls back.
+- ``"numba"``: our compiled CPU tile rasterizer (:mod:`.rasterize_numba`, needs the numba package).
+- ``"torch"``: our sparse rasterizer in plain PyTorch (:mod:`.rasterize_torch`), CPU or GPU.
 - ``"reference"``: a dense pixels x Gaussians composite (:mod:`.reference`), tiny images only.
-- ``"auto"``: gsplat when the tensors are on CUDA and gsplat's CUDA extension is usable, else torch.
+- ``"auto"``: on CUDA gsplat; on CPU numba. When that one is unusable, ``auto`` says so once, in one
+  line with the reason (for gsplat, the first line of its build or run error), and uses ``"torch"``.
 
 Output conventions (:class:`RenderOutput`):
 - ``rgb = sum_i c_i a_i T_i + T_final * background`` (background composited exactly once),
   colours from SH (``max(0, SH(mean - camera centre) + 0.5)``), ``a_i = min(0.999, o_i exp(-sigma_i))``,
   pairs with ``a_i < 1/255`` skipped, 2D covariance dilated by 0.3 px^2, a pixel stops before the pair
   that would take its transmittance to <= 1e-4 (as gsplat).
+- ``antialiased=True`` (gsplat's ``rasterize_mode="antialiased"``): each opacity is multiplied, per
+  camera, by ``sqrt(det(cov2d) / det(cov2d + 0.3 I))`` (cov2d before the dilation), so that small
+  Gaussians do not grow brighter when the dilation widens them.
 - ``alpha = 1 - T_final``.
 - ``depth`` is the **normalised expected camera-z** (gsplat "ED"): ``sum_i z_i a_i T_i / max(alpha, 1e-10)``;
   multiply by ``alpha`` for the un-normalised sum. It is 0 where nothing was drawn.
@@ -20,15 +26,18 @@ Importing this package never needs CUDA and never imports ``gsplat.rendering``.
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from fastavatar.render.rasterize_numba import NumbaRasterConfig
 from fastavatar.render.rasterize_torch import TorchRasterConfig
 
-__all__ = ["RenderOutput", "TorchRasterConfig", "rasterize", "render_splats", "resolve_backend"]
+__all__ = ["NumbaRasterConfig", "RenderOutput", "TorchRasterConfig", "rasterize", "render_splats", "resolve_backend"]
 
-BACKENDS = ("auto", "torch", "gsplat", "reference")
+BACKENDS = ("auto", "numba", "torch", "gsplat", "reference")
+_said = set()  # fallback notices already printed (once per process)
 
 
 class RenderOutput(NamedTuple):
@@ -39,15 +48,53 @@ class RenderOutput(NamedTuple):
     depth: torch.Tensor  # [C, H, W, 1] normalised expected z (gsplat "ED"), 0 where alpha = 0
 
 
+def _say_once(message: str) -> None:
+    if message not in _said:
+        _said.add(message)
+        print(message, file=sys.stderr, flush=True)
+
+
 def resolve_backend(backend: str, device: Union[str, torch.device]) -> str:
-    """Map ``"auto"`` to ``"gsplat"`` (CUDA + usable gsplat) or ``"torch"``; validate the others."""
+    """Map ``"auto"`` to a concrete backend for ``device`` (see the module docstring); check that an
+    explicitly named backend can run there (a clear RuntimeError when it cannot, never a fallback)."""
     if backend not in BACKENDS:
         raise ValueError(f"render backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "gsplat":
+        from fastavatar.render.gsplat_backend import gsplat_status
+
+        ok, reason = gsplat_status(device)
+        if not ok:
+            raise RuntimeError(f"render backend 'gsplat' is not usable: {reason}")
+        return backend
+    if backend == "numba":
+        from fastavatar.render.rasterize_numba import numba_status
+
+        if device.type != "cpu":
+            raise RuntimeError(f"render backend 'numba' runs on CPU tensors, got device {device}")
+        ok, reason = numba_status()
+        if not ok:
+            raise RuntimeError(f"render backend 'numba' is not usable: {reason} (pip install numba)")
+        return backend
     if backend != "auto":
         return backend
-    from fastavatar.render.gsplat_backend import gsplat_usable
+    if device.type == "cuda":
+        from fastavatar.render.gsplat_backend import gsplat_status
 
-    return "gsplat" if gsplat_usable(torch.device(device)) else "torch"
+        ok, reason = gsplat_status(device)
+        if ok:
+            return "gsplat"
+        _say_once(f"fastavatar.render: gsplat is not usable ({reason}); falling back to the (slower) torch rasterizer")
+        return "torch"
+    if device.type == "cpu":
+        from fastavatar.render.rasterize_numba import numba_status
+
+        ok, reason = numba_status()
+        if ok:
+            return "numba"
+        _say_once(f"fastavatar.render: compiled CPU rasterizer unavailable ({reason}); using the torch "
+                  "rasterizer (pip install numba for a faster one)")
+    return "torch"
 
 
 def rasterize(
@@ -66,7 +113,9 @@ def rasterize(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     backend: str = "auto",
+    antialiased: bool = False,
     torch_config: Optional[TorchRasterConfig] = None,
+    numba_config: Optional[NumbaRasterConfig] = None,
 ) -> RenderOutput:
     """Render activated Gaussians into C cameras. Differentiable w.r.t. all Gaussian inputs."""
     n = means.shape[0]
@@ -82,8 +131,13 @@ def rasterize(
         backgrounds = backgrounds.to(means).expand(viewmats.shape[0], 3)
     kind = resolve_backend(backend, means.device)
     args = (means, quats, scales, opacities, sh, viewmats, Ks, width, height)
-    kwargs = dict(sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane, far_plane=far_plane)
-    if kind == "torch":
+    kwargs = dict(sh_degree=sh_degree, backgrounds=backgrounds, near_plane=near_plane, far_plane=far_plane,
+                  antialiased=antialiased)
+    if kind == "numba":
+        from fastavatar.render.rasterize_numba import rasterize_numba
+
+        rgb, alpha, depth = rasterize_numba(*args, **kwargs, config=numba_config)
+    elif kind == "torch":
         from fastavatar.render.rasterize_torch import rasterize_torch
 
         rgb, alpha, depth = rasterize_torch(*args, **kwargs, config=torch_config)
@@ -110,7 +164,9 @@ def render_splats(
     backend: str = "auto",
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    antialiased: bool = False,
     torch_config: Optional[TorchRasterConfig] = None,
+    numba_config: Optional[NumbaRasterConfig] = None,
 ) -> RenderOutput:
     """Render RAW splats (see :mod:`fastavatar.core.splats`; activated here) from c2w cameras."""
     from fastavatar.core.cameras import c2w_to_w2c
@@ -142,5 +198,7 @@ def render_splats(
         near_plane=near_plane,
         far_plane=far_plane,
         backend=backend,
+        antialiased=antialiased,
         torch_config=torch_config,
+        numba_config=numba_config,
     )

@@ -93,6 +93,19 @@ def project_gaussians(
     )
 
 
+def antialias_compensation(covars2d: torch.Tensor, eps2d: float = 0.3) -> torch.Tensor:
+    """gsplat's "antialiased" opacity factor ``sqrt(det(cov2d) / det(cov2d + eps2d I))``.
+
+    covars2d [..., 3] is the DILATED (xx, xy, yy), so the undilated determinant is recovered by
+    subtracting ``eps2d`` from the diagonal. Returns [...]. The ratio is floored at 1e-12 (the factor at
+    1e-6) so that the square root keeps a finite gradient for degenerate Gaussians, which it makes invisible.
+    """
+    xx, xy, yy = covars2d.unbind(-1)
+    det_blur = (xx * yy - xy * xy).clamp_min(1e-10)
+    det_orig = (xx - eps2d) * (yy - eps2d) - xy * xy
+    return torch.sqrt((det_orig / det_blur).clamp_min(1e-12))
+
+
 def camera_centers(viewmats: torch.Tensor) -> torch.Tensor:
     """[C, 4, 4] world-to-camera -> [C, 3] camera centres in world space (-R^T t)."""
     rot = viewmats[:, :3, :3]

@@ -38,7 +38,13 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from fastavatar.render.projection import ALPHA_THRESHOLD, camera_centers, project_gaussians, quat_scale_to_covar
+from fastavatar.render.projection import (
+    ALPHA_THRESHOLD,
+    antialias_compensation,
+    camera_centers,
+    project_gaussians,
+    quat_scale_to_covar,
+)
 from fastavatar.core.sh import sh_to_rgb
 
 LOG_ALPHA_THRESHOLD = math.log(ALPHA_THRESHOLD)
@@ -311,7 +317,8 @@ def _split_bands(rows_cost: torch.Tensor, max_cost: int) -> List[Tuple[int, int]
 
 
 def _render_one_camera(
-    means, quats, scales, opacities, sh, viewmat, K, width, height, sh_degree, near_plane, far_plane, cfg
+    means, quats, scales, opacities, sh, viewmat, K, width, height, sh_degree, near_plane, far_plane, cfg,
+    antialiased=False,
 ):
     dev, dtype = means.device, means.dtype
     tw = cfg.tile_width
@@ -320,6 +327,8 @@ def _render_one_camera(
     proj = project_gaussians(
         means, covars, viewmat[None], K[None], width, height, near_plane=near_plane, far_plane=far_plane
     )
+    if antialiased:
+        opacities = opacities * antialias_compensation(proj.covars2d[0])
     with torch.no_grad():
         ok = proj.valid[0] & (opacities >= ALPHA_THRESHOLD)
         cand = torch.nonzero(ok).squeeze(1)
@@ -423,6 +432,7 @@ def rasterize_torch(
     backgrounds: Optional[torch.Tensor] = None,  # [C, 3]
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    antialiased: bool = False,
     config: Optional[TorchRasterConfig] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Render C views. Returns rgb [C, H, W, 3], alpha [C, H, W, 1], expected depth [C, H, W, 1]
@@ -432,7 +442,7 @@ def rasterize_torch(
     for cam in range(viewmats.shape[0]):
         out, t_final = _render_one_camera(
             means, quats, scales, opacities, sh, viewmats[cam], Ks[cam], width, height,
-            sh_degree, near_plane, far_plane, cfg,
+            sh_degree, near_plane, far_plane, cfg, antialiased,
         )
         rgb, alpha, depth = finish_camera(out, t_final, None if backgrounds is None else backgrounds[cam])
         rgbs.append(rgb)

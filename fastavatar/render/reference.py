@@ -2,7 +2,8 @@
 
 Projection and SH come from gsplat's pure-torch reference (``gsplat.cuda._torch_impl``, runs on
 CPU, no CUDA build), so this also cross-checks :mod:`fastavatar.render.projection`. The
-compositing is ours and follows gsplat's CUDA kernel literally: ``alpha = min(0.999, o exp(-sigma))``,
+compositing is ours and follows gsplat's CUDA kernel literally (``antialiased``: opacities times gsplat's
+own compensation factor from that projection): ``alpha = min(0.999, o exp(-sigma))``,
 pairs with alpha < 1/255 skipped, transmittance as a running product, a pixel stops before the pair
 that would take it to T <= 1e-4. Differentiable through autograd. Cost is pixels x Gaussians, so
 pixels are processed in chunks of at most ``max_pairs`` pairs.
@@ -54,6 +55,7 @@ def rasterize_reference(
     backgrounds: Optional[torch.Tensor] = None,  # [C, 3]
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    antialiased: bool = False,
     max_pairs: int = 1 << 22,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as :func:`fastavatar.render.rasterize_torch.rasterize_torch`."""
@@ -77,23 +79,24 @@ def rasterize_reference(
         with torch.no_grad():  # drop Gaussians outside (near, far) first: their projection is not finite
             z = means @ viewmats[cam, 2, :3] + viewmats[cam, 2, 3]
             idx = torch.nonzero((z > near_plane) & (z < far_plane)).squeeze(1)
-        radii, means2d, depths, conics, _ = _fully_fused_projection(
+        radii, means2d, depths, conics, comp = _fully_fused_projection(
             means[idx], covars[idx], viewmats[cam : cam + 1], Ks[cam : cam + 1], width, height,
-            near_plane=near_plane, far_plane=far_plane,
+            near_plane=near_plane, far_plane=far_plane, calc_compensations=antialiased,
         )
+        opac = opacities[idx] * comp[0] if antialiased else opacities[idx]  # gsplat's antialiased mode
         means2d, depths, conics = means2d[0], depths[0], conics[0]
         with torch.no_grad():
             keep = torch.nonzero((radii[0] > 0).all(-1)).squeeze(1)
             keep = keep[torch.argsort(depths[keep], stable=True)]
         idx = idx[keep]
-        means2d, depths, conics = means2d[keep], depths[keep], conics[keep]
+        means2d, depths, conics, opac = means2d[keep], depths[keep], conics[keep], opac[keep]
         dirs = means[idx] - campos[cam]
         colors = torch.clamp_min(_spherical_harmonics(sh_degree, dirs, sh[idx, :k]) + 0.5, 0.0)
         feats = torch.cat([colors, depths[:, None]], 1)  # [G, 4]
         chunk = max(1, max_pairs // max(1, idx.numel()))
         outs, tfs = [], []
         for p0 in range(0, pix.shape[0], chunk):
-            o, t = _composite_dense(pix[p0 : p0 + chunk], means2d, conics, opacities[idx], feats)
+            o, t = _composite_dense(pix[p0 : p0 + chunk], means2d, conics, opac, feats)
             outs.append(o)
             tfs.append(t)
         out = torch.cat(outs, 0).reshape(height, width, 4)

@@ -1,0 +1,200 @@
+"""The compiled CPU rasterizer: a gsplat-style tile rasterizer written with numba, forward and backward.
+
+Split of the work (the same split as :mod:`.rasterize_torch`):
+
+1. In torch, with autograd: covariances, EWA projection (:mod:`.projection`), antialiasing
+   compensation, culling (near/far, opacity < 1/255), the front-to-back sort by camera z, and colours
+   from SH. Gradients of everything here come from autograd.
+2. Compiled (:mod:`._numba_kernels`), inside one ``torch.autograd.Function``:
+   - bin: every Gaussian goes into the 16 x 16 pixel tiles touched by the bounding box of its
+     alpha >= 1/255 ellipse; visiting Gaussians front to back makes every tile's list depth sorted;
+   - forward: per tile, per pixel, composite front to back with gsplat's rules and early stop; keep
+     the final transmittance and the position of the last composited pair per pixel;
+   - backward: per pixel, walk back to front from the last composited pair, undoing the
+     transmittance product, and accumulate d/d(means2d, conics, opacity, rgb, z) in per-chunk
+     buffers that are summed at the end.
+   Tiles are spread over parallel chunks (one per thread); nothing is stored per pair.
+
+CPU tensors only; float32 or float64 (the per-pair maths is float64 in both). The number of threads
+follows ``torch.get_num_threads()`` (at most numba's ``NUMBA_NUM_THREADS``); numba's "workqueue"
+thread pool is used unless ``NUMBA_THREADING_LAYER`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from fastavatar.render.projection import (
+    ALPHA_THRESHOLD,
+    antialias_compensation,
+    camera_centers,
+    project_gaussians,
+    quat_scale_to_covar,
+)
+from fastavatar.render.rasterize_torch import finish_camera, sh_to_rgb
+
+
+@dataclass
+class NumbaRasterConfig:
+    """Knobs of the compiled CPU rasterizer."""
+
+    # tile side in pixels: smaller tiles test fewer (pixel, Gaussian) pairs outside the ellipse, larger
+    # ones bin faster; 16 is gsplat's and measured best here (see scripts/benchmark_render.py --tile)
+    tile: int = 16
+
+
+@lru_cache(maxsize=None)
+def numba_status() -> Tuple[bool, str]:
+    """(usable, reason): whether numba imports (the kernels compile lazily on first use)."""
+    try:
+        import numba  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return False, f"numba is not importable: {first}"
+    return True, ""
+
+
+_announced = set()
+
+
+def _kernels():
+    from fastavatar.render import _numba_kernels
+
+    return _numba_kernels
+
+
+def _is_cached(dispatcher) -> bool:
+    """Best effort: does numba's on-disk cache hold an index for this kernel? (numba internals)"""
+    try:
+        cache_dir = Path(dispatcher._cache.cache_path)
+        stem = Path(dispatcher.py_func.__code__.co_filename).stem
+        return any(cache_dir.glob(f"{stem}.{dispatcher.py_func.__name__}-*.nbi"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _call(kernel, *args):
+    """Run a kernel; the first time in a process, say in one line when it has to be compiled."""
+    if not hasattr(kernel, "py_func"):  # NUMBA_DISABLE_JIT=1: plain Python functions
+        return kernel(*args)
+    key = (kernel.py_func.__name__, tuple(getattr(a, "dtype", None) for a in args))
+    if key in _announced:
+        return kernel(*args)
+    _announced.add(key)
+    if _is_cached(kernel):
+        t0 = time.perf_counter()
+        result = kernel(*args)
+        misses = sum(kernel.stats.cache_misses.values())
+        if misses:  # cache present but for another signature or stale: it compiled anyway
+            print(f"fastavatar.render: compiled numba kernel {kernel.py_func.__name__} in "
+                  f"{time.perf_counter() - t0:.1f} s (cached for later runs)", file=sys.stderr, flush=True)
+        return result
+    print(f"fastavatar.render: compiling numba kernel {kernel.py_func.__name__} (first use only; cached "
+          f"under {getattr(kernel._cache, 'cache_path', 'the numba cache')})", file=sys.stderr, flush=True)
+    return kernel(*args)
+
+
+def _threads() -> int:
+    import numba
+
+    if "NUMBA_THREADING_LAYER" not in os.environ and numba.config.THREADING_LAYER == "default":
+        # numba's own thread pool: its OpenMP layer would start a second OpenMP runtime beside torch's,
+        # whose idle threads spin and take the cores from the other one (measured: several times slower)
+        numba.config.THREADING_LAYER = "workqueue"
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(n)
+    return n
+
+
+class _Composite(torch.autograd.Function):
+    """Tile compositing of one camera. See the module docstring."""
+
+    @staticmethod
+    def forward(ctx, means2d, conics, opacities, feats, covars2d, width: int, height: int, tile: int):
+        # means2d [G, 2], conics [G, 3], opacities [G], feats [G, 4] (rgb, z), covars2d [G, 3] (no grad);
+        # Gaussians culled and sorted front to back. Returns out [H, W, 4], t_final [H, W].
+        k = _kernels()
+        arrays = [t.detach().contiguous().numpy() for t in (means2d, conics, opacities, feats)]
+        n_chunks = _threads()
+        offsets, ids = _call(k.bin_tiles, arrays[0], covars2d.detach().contiguous().numpy(), arrays[2],
+                             width, height, tile)
+        out = torch.empty(height, width, 4, dtype=means2d.dtype)
+        t_final = torch.empty(height, width, dtype=means2d.dtype)
+        n_used = torch.empty(height, width, dtype=torch.int32)
+        fast_exp = means2d.dtype == torch.float32
+        _call(k.composite_forward, *arrays, offsets, ids, width, height, tile, n_chunks, fast_exp,
+              out.numpy(), t_final.numpy(), n_used.numpy())
+        ctx.raster = (arrays, offsets, ids, width, height, tile, fast_exp, t_final.numpy(), n_used.numpy())
+        return out, t_final
+
+    @staticmethod
+    def backward(ctx, g_out, g_tfinal):
+        arrays, offsets, ids, width, height, tile, fast_exp, t_final, n_used = ctx.raster
+        dtype = torch.from_numpy(arrays[0][:0]).dtype
+        g_out = g_out.to(dtype).contiguous().numpy()
+        g_tfinal = g_tfinal.to(dtype).contiguous().numpy()
+        grads = _call(_kernels().composite_backward, *arrays, offsets, ids, width, height, tile, _threads(),
+                      fast_exp, t_final, n_used, g_out, g_tfinal)
+        grads = torch.from_numpy(grads).to(dtype)
+        return grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, 6:10], None, None, None, None
+
+
+def rasterize_numba(
+    means: torch.Tensor,  # [N, 3]
+    quats: torch.Tensor,  # [N, 4] unit wxyz
+    scales: torch.Tensor,  # [N, 3] activated
+    opacities: torch.Tensor,  # [N] activated 0..1
+    sh: torch.Tensor,  # [N, K, 3]
+    viewmats: torch.Tensor,  # [C, 4, 4] world-to-camera
+    Ks: torch.Tensor,  # [C, 3, 3]
+    width: int,
+    height: int,
+    sh_degree: int = 3,
+    backgrounds: Optional[torch.Tensor] = None,  # [C, 3]
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    antialiased: bool = False,
+    config: Optional[NumbaRasterConfig] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`fastavatar.render.rasterize_torch.rasterize_torch` (CPU tensors only)."""
+    if means.device.type != "cpu":
+        raise RuntimeError(f"the numba render backend runs on CPU tensors, got device {means.device}")
+    if means.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"the numba render backend needs float32 or float64 tensors, got {means.dtype}")
+    cfg = config or NumbaRasterConfig()
+    covars = quat_scale_to_covar(quats, scales)
+    proj = project_gaussians(means, covars, viewmats, Ks, width, height, near_plane=near_plane, far_plane=far_plane)
+    centres = camera_centers(viewmats)
+    rgbs, alphas, depths = [], [], []
+    for cam in range(viewmats.shape[0]):
+        opac = opacities
+        if antialiased:
+            opac = opacities * antialias_compensation(proj.covars2d[cam])
+        with torch.no_grad():
+            cand = torch.nonzero(proj.valid[cam] & (opac >= ALPHA_THRESHOLD)).squeeze(1)
+            sel = cand.index_select(0, torch.argsort(proj.depths[cam].index_select(0, cand), stable=True))
+        colors = sh_to_rgb(sh_degree, means.index_select(0, sel) - centres[cam], sh.index_select(0, sel))
+        feats = torch.cat([colors, proj.depths[cam].index_select(0, sel)[:, None]], 1)  # [G, 4]
+        out, t_final = _Composite.apply(
+            proj.means2d[cam].index_select(0, sel),
+            proj.conics[cam].index_select(0, sel),
+            opac.index_select(0, sel),
+            feats,
+            proj.covars2d[cam].index_select(0, sel),
+            width,
+            height,
+            cfg.tile,
+        )
+        rgb, alpha, depth = finish_camera(out, t_final[..., None], None if backgrounds is None else backgrounds[cam])
+        rgbs.append(rgb)
+        alphas.append(alpha)
+        depths.append(depth)
+    return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)
