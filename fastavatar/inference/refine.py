@@ -42,7 +42,7 @@ class FitConfig:
         True, "keep SH bands 1-3 (view-dependent colour) from the start: one view cannot constrain them, and "
               "fitting them overfits the input camera's elevation (the original refined them)")
     sh_degree: int = option(3, "SH degree rendered")
-    render_backend: Literal["auto", "torch", "gsplat"] = option("auto", "renderer: auto (gsplat on CUDA, torch otherwise)")
+    render_backend: Literal["auto", "numba", "torch", "gsplat"] = option("auto", "renderer: auto (gsplat on CUDA, numba on CPU, torch without numba)")
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "decoder matmul precision while refining: fp32, bf16, or auto (bf16 on CPUs with native bf16 "
                 "matmuls, ~1.7x faster per step; fp32 elsewhere). The returned splats are always decoded in fp32")

@@ -26,7 +26,7 @@ class FeedForwardConfig:
     num_novel_views: int = option(8, "views in the novel-view ring")
     novel_view_max_azimuth: float = option(180.0, "ring half-angle in degrees (180 = full circle)")
     render_max_side: int = option(802, "longer side of the renders in pixels (aspect of the input photo)")
-    render_backend: Literal["auto", "torch", "gsplat"] = option("auto", "renderer backend: auto, torch (CPU) or gsplat (CUDA)")
+    render_backend: Literal["auto", "numba", "torch", "gsplat"] = option("auto", "renderer backend: auto, numba or torch (CPU), gsplat (CUDA)")
     tracker_preprocess: Literal["squash", "pad"] = option("squash", "tracker input: squash (released weights) or pad (aspect kept)")
     threads: int = option(0, "torch CPU threads (0 = torch default; 1 is faster on a busy CPU)")
     overlap_face_and_tracker: bool = option(True, "run face detection/embedding in a thread while the tracker runs")
