@@ -99,13 +99,15 @@ def initialise(cfg: PhotoConfig, decoder, w_vectors, image: LoadedImage, device:
     w, w_source = None, ""
     encoder_path = Path(cfg.encoder_checkpoint)
     if encoder_path.is_file():
+        from fastavatar.io.checkpoints import load_w_encoder
+
+        # a given checkpoint that does not load is an error (never a silent fallback); missing face models are not
+        encoder = load_w_encoder(encoder_path, device)
         try:
             from fastavatar.face.embedding import FaceEmbedder
-            from fastavatar.io.checkpoints import load_w_encoder
 
             embedder = FaceEmbedder(cfg.insightface_root or None, device=device.type)
             embedding = embedder.embed_loaded(image).embedding
-            encoder = load_w_encoder(encoder_path, device)
             with torch.no_grad():
                 w = encoder(torch.as_tensor(np.asarray(embedding, dtype=np.float32), device=device)[None])
             w_source = "encoder"
@@ -118,18 +120,18 @@ def initialise(cfg: PhotoConfig, decoder, w_vectors, image: LoadedImage, device:
     points, points_source, tracker_c2w = None, "", None
     dino_path = Path(cfg.dino_checkpoint)
     if dino_path.is_file():
-        try:
-            from fastavatar.face.tracker_input import preprocess_for_tracker
-            from fastavatar.io.checkpoints import load_tracker
+        from fastavatar.face.tracker_input import preprocess_for_tracker
+        from fastavatar.io.checkpoints import load_tracker
 
-            tracker = load_tracker(dino_path, device)
-            with torch.no_grad():
-                pred = tracker(preprocess_for_tracker(image.rgb)[None].to(device))
-            points = pred["points"][0].float()
-            tracker_c2w = pred["camera_pose"][0].detach().cpu().double().numpy()
-            points_source = "tracker"
-        except Exception as exc:
-            points_source = f"template ({_first_line(exc)})"
+        tracker = load_tracker(dino_path, device)
+        with torch.no_grad():
+            pred = tracker(preprocess_for_tracker(image.rgb)[None].to(device))
+        points = pred["points"][0].float()
+        if points.shape[0] != decoder.num_gaussians:
+            raise PhotoModeError(f"{dino_path}: tracker predicts {points.shape[0]} points, the decoder has "
+                                 f"{decoder.num_gaussians} Gaussians")
+        tracker_c2w = pred["camera_pose"][0].detach().cpu().double().numpy()
+        points_source = "tracker"
     else:
         points_source = f"template (no tracker checkpoint at {dino_path})"
     if points is None:
