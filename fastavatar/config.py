@@ -13,6 +13,9 @@ Precedence (lowest to highest): dataclass defaults < ``--config file.yaml`` < ex
   its fields are given by their flag names at the top level.
 - A field without a default is required (``option(help=...)`` with no default; the dataclass is
   then ``kw_only``); ``option(..., positional=True)`` makes it a positional argument.
+- Values are type-checked (``max_epochs: lots`` is an error naming the key) and a config with a
+  ``check()`` method runs it after construction (range checks, one-line errors naming the flag).
+  These are ``ValueError``s; scripts print them as one line (:func:`fastavatar.cli.run_script`).
 - YAML files list only what they change; the resolved config is written to
   ``<run_dir>/config.yaml`` (plain, nested YAML, no pickled classes).
 """
@@ -116,7 +119,7 @@ def _field_of(config_cls: Type, path: str):
 
 def build_parser(config_cls: Type[T], description: str = "") -> argparse.ArgumentParser:
     """argparse parser with one flag per leaf field of ``config_cls`` (``dest`` = dotted path)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of defaults (CLI flags win)")
     for name, path in flag_paths(config_cls).items():
@@ -221,8 +224,40 @@ def config_from_dict(config_cls: Type[T], values: Dict[str, Any], source: str = 
         elif typing.get_origin(tp) is typing.Literal and value not in typing.get_args(tp):
             raise ValueError(f"{source}: {f.name}={value!r} must be one of {typing.get_args(tp)}")
         else:
-            converted[f.name] = value
-    return config_cls(**converted)
+            converted[f.name] = _checked(value, tp, f.name, source)
+    cfg = config_cls(**converted)
+    if hasattr(cfg, "check"):  # the config's own range checks (one-line ValueError naming the flag)
+        cfg.check()
+    return cfg
+
+
+def _checked(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` (from YAML or the command line) checked against the field type ``tp``; ints are
+    accepted for floats. Unknown annotations pass through unchanged."""
+
+    def bad(expected: str) -> ValueError:
+        return ValueError(f"{source}: {key} must be {expected}, got {value!r}")
+
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif typing.get_origin(tp) in (list, List, tuple, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        item_tp, _ = _unwrap_optional((typing.get_args(tp) or (Any,))[0])
+        if item_tp in (bool, int, float, str):
+            return [_checked(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    return value
 
 
 def load_yaml(path: Path) -> Dict[str, Any]:
@@ -232,7 +267,11 @@ def load_yaml(path: Path) -> Dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: invalid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}: invalid YAML{at} ({getattr(exc, 'problem', None) or type(exc).__name__})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read config ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys")
     return data

@@ -70,7 +70,9 @@ def load_lpips(net: str = "alex", device="cpu", required: bool = False, quiet: b
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net=net, pnet_rand=True, verbose=False)
-    state = torch.load(trunk, map_location="cpu", weights_only=True)
+    from fastavatar.io.integrity import read_checkpoint
+
+    state = read_checkpoint(trunk)
     # lpips splits torchvision's `features` Sequential into slices but keeps the layer indices.
     trunk_state = {}
     for name, _ in model.net.named_parameters():

@@ -18,10 +18,17 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda when available else cpu; an unavailable ``cuda`` falls back to cpu with a note."""
     if name in ("auto", "", None):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"--device {name!r}: not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name!r}: unsupported device type {device.type!r} (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         print("[fastavatar] CUDA requested but not available: using cpu")
         return torch.device("cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
     return device
 
 

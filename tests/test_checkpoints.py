@@ -11,7 +11,7 @@ import torch
 
 from fastavatar.io.checkpoints import (
     DECODER_FORMAT,
-    PickledStandIn,
+    StandInObject,
     checkpoint_config,
     detect_checkpoint_kind,
     load_checkpoint_file,
@@ -86,9 +86,9 @@ def test_official_decoder_with_pickled_config_from_deleted_module(tmp_path, monk
     (tmp_path / "mods" / f"{modname}.py").unlink()
     _forget_module(modname)
     with pytest.raises(Exception):
-        torch.load(path, weights_only=True)  # the released format really needs the fallback
+        torch.load(path, weights_only=True)  # the released format needs more than torch's allowlist
     ckpt = load_checkpoint_file(path)
-    assert isinstance(ckpt["config"], PickledStandIn)
+    assert isinstance(ckpt["config"], StandInObject)  # data, not the class
     plain = checkpoint_config(ckpt)
     assert plain["mlp_lr"] == 3e-4 and plain["max_epochs"] == 801 and plain["data_dir"] == "/scratch/data"
     decoder, w, ids = load_decoder(path)
@@ -271,10 +271,12 @@ class _Sneaky:
         return (os.getcwd, ())
 
 
-def test_fallback_refuses_dangerous_callables(tmp_path):
+def test_callables_in_a_checkpoint_load_as_inert_stand_ins(tmp_path):
     torch.save({"model_dict": {}, "x": _Sneaky()}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="refusing to unpickle"):
-        load_checkpoint_file(tmp_path / "evil.pth")
+    ckpt = load_checkpoint_file(tmp_path / "evil.pth")
+    assert isinstance(ckpt["x"], StandInObject) and ckpt["x"].name == "getcwd"  # recorded, never called
+    with pytest.raises(ValueError, match="evil.pth"):
+        load_decoder(tmp_path / "evil.pth")
 
 
 def test_backbone_only_file(tmp_path):

@@ -237,12 +237,11 @@ def random_rig(num_gaussians: int = 10144, num_expr: int = 100, seed: int = 0,
 
 
 def run_rig_script(main: Callable[[], int], *more_errors: Type[Exception]) -> int:
-    """Run a rig script's ``main`` (build_rig, animate, view): a missing FLAME model, an unusable rig,
-    a missing file or one of ``more_errors`` prints ``error: <message>`` on stderr and returns exit code 2."""
+    """Run a rig script's ``main`` (build_rig, animate, view) through :func:`fastavatar.cli.run_script`:
+    a missing FLAME model, an unusable rig, a bad file or flag, or one of ``more_errors`` prints
+    ``error: <message>`` on stderr and returns exit code 2 (Ctrl-C: 130)."""
+    from fastavatar.cli import run_script
     from fastavatar.flame.model import FlameModelMissing
 
-    try:
-        return main()
-    except (FlameModelMissing, RigError, FileNotFoundError, *more_errors) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    code = run_script(lambda _argv: main(), extra_errors=(FlameModelMissing, RigError, *more_errors))
+    return 2 if code == 1 else code

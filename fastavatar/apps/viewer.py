@@ -48,6 +48,35 @@ def splats_to_viser(splats: Splats) -> Dict[str, np.ndarray]:
     }
 
 
+def check_listen_address(host: str, port: int) -> None:
+    """Raise ValueError (one line naming the flag) unless ``host:port`` can be listened on now.
+
+    viser reports a bad host or port only inside its server thread (and then waits forever), and
+    silently moves to the next port when the asked one is in use; so we check first."""
+    import ipaddress
+    import socket
+
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: must be 0..65535 (0 picks a free port)")
+    looks_numeric = host.replace(".", "").isdigit() or ":" in host
+    if looks_numeric:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"--host {host}: not a valid IP address") from None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ValueError(f"--host {host}: cannot resolve it ({exc.args[-1] if exc.args else exc})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None
+
+
 class SplatViewer:
     """A viser server showing one Gaussian head; optional rig sliders."""
 
@@ -65,7 +94,12 @@ class SplatViewer:
     def start(self) -> "SplatViewer":
         import viser
 
+        check_listen_address(self.cfg.host, self.cfg.port)
         self.server = viser.ViserServer(host=self.cfg.host, port=self.cfg.port, verbose=False)
+        if self.cfg.port and int(self.server.get_port()) != self.cfg.port:  # viser moved on to a free port
+            moved = self.server.get_port()
+            self.stop()
+            raise ValueError(f"--port {self.cfg.port}: in use (viser would have moved to {moved}); pick another port")
         self.server.scene.set_up_direction("+y")  # FLAME/VHAP world: y up, face towards +z
         centre = self.splats["means"].detach().float().mean(0).cpu().numpy()
         try:
@@ -187,4 +221,4 @@ def locate_rig(ply_path, rig_path=None):
     return candidate if candidate.is_file() else None
 
 
-__all__: List[str] = ["ViewerConfig", "SplatViewer", "serve", "splats_to_viser", "locate_rig"]
+__all__: List[str] = ["ViewerConfig", "SplatViewer", "check_listen_address", "serve", "splats_to_viser", "locate_rig"]

@@ -55,6 +55,44 @@ def find_sparse_dir(subject_dir: Path) -> Path:
     raise SubjectDataError(f"{subject_dir}: no COLMAP model (expected sparse/0/cameras.bin or cameras.txt)")
 
 
+def check_colmap_binary_sizes(sparse_dir: Path) -> None:
+    """Walk the record layout of ``points3D.bin`` / ``images.bin`` and check it fits the file,
+    before pycolmap reads them (a truncated or corrupt count makes pycolmap allocate without
+    bound). Raises :class:`SubjectDataError` naming the file."""
+    import struct
+
+    def walk(path: Path, record_head: int, count_at: int, count_size: int, has_name: bool) -> None:
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        size = len(data)
+        if size < 8:
+            raise SubjectDataError(f"{path}: truncated ({size} bytes; a COLMAP binary starts with an 8-byte count)")
+        (n,) = struct.unpack_from("<Q", data, 0)
+        offset = 8
+        for i in range(n):
+            if has_name:  # images.bin: 64 fixed bytes, a NUL-terminated name, then the 2D-point count
+                if offset + 64 > size:
+                    raise SubjectDataError(f"{path}: truncated in image record {i + 1} of {n} ({size} bytes)")
+                end = data.find(b"\0", offset + 64)
+                if end < 0:
+                    raise SubjectDataError(f"{path}: truncated in the name of image record {i + 1} of {n}")
+                head_end = end + 1
+            else:
+                head_end = offset + record_head
+            if head_end + count_size > size:
+                raise SubjectDataError(f"{path}: truncated in record {i + 1} of {n} ({size} bytes)")
+            (items,) = struct.unpack_from("<Q", data, head_end)
+            offset = head_end + count_size + items * count_at
+            if offset > size:
+                raise SubjectDataError(f"{path}: truncated in record {i + 1} of {n} ({size} bytes, needs > {offset})")
+
+    # points3D.bin: id u64, xyz 3xf64, rgb 3xu8, error f64 (43 bytes), track length u64, track 8 bytes each
+    walk(sparse_dir / "points3D.bin", 43, 8, 8, has_name=False)
+    # images.bin: id u32, qvec 4xf64, tvec 3xf64, camera id u32 (64 bytes), name, count u64, points2D 24 bytes each
+    walk(sparse_dir / "images.bin", 64, 24, 8, has_name=True)
+
+
 @dataclass
 class _View:
     name: str
@@ -83,15 +121,18 @@ class SubjectParser:
         image_scale: float = 1.0,
         expected_points: Optional[int] = NUM_TEMPLATE_GAUSSIANS,
         cameras_from: str = "colmap",
+        allow_resize: bool = False,
     ) -> None:
         self.subject_dir = Path(subject_dir)
         if not self.subject_dir.is_dir():
             raise SubjectDataError(f"{self.subject_dir}: subject folder not found")
-        if image_scale <= 0 or image_scale > 1:
-            raise ValueError(f"image_scale must be in (0, 1], got {image_scale}")
+        if not 0 < image_scale <= 1:  # also refuses NaN
+            raise ValueError(f"--image_scale must be in (0, 1], got {image_scale}")
+        self.allow_resize = bool(allow_resize)
         self.subject_id = subject_id_from_dir(self.subject_dir) or self.subject_dir.name
         self.image_scale = float(image_scale)
         self.sparse_dir = find_sparse_dir(self.subject_dir)
+        check_colmap_binary_sizes(self.sparse_dir)
         views, points = self._read_colmap()
         if cameras_from == "transforms":
             views = self._read_transforms_json(views)
@@ -124,9 +165,32 @@ class SubjectParser:
         for v in views:
             mask = self.subject_dir / "fg_masks" / v.name
             self.mask_paths.append(mask if mask.is_file() else None)
+        self._check_image_files()
         flame_dir = self.subject_dir / "flame_param"
         flame_files = sorted(flame_dir.glob("*.npz")) if flame_dir.is_dir() else []
         self.flame_param_path: Optional[Path] = flame_files[0] if flame_files else None
+
+    def _check_image_files(self) -> None:
+        """Every image and mask must be a readable image of its camera's size (unless
+        ``allow_resize``): checked now, from the file headers, so a bad file stops the run at the
+        start rather than when its view is first drawn."""
+        from PIL import Image
+
+        native = (self.full_width, self.full_height)
+        for what, paths in (("image", self.image_paths), ("mask", self.mask_paths)):
+            for path in paths:
+                if path is None:
+                    continue
+                try:
+                    with Image.open(path) as img:
+                        size = img.size
+                except (OSError, ValueError) as exc:
+                    raise SubjectDataError(f"{path}: cannot read {what} ({exc})") from None
+                if size != native and not self.allow_resize:
+                    raise SubjectDataError(
+                        f"{path}: {what} is {size[0]}x{size[1]} but its COLMAP camera is {native[0]}x{native[1]}; "
+                        f"pass --allow_resize to resize it anyway"
+                    )
 
     # ------------------------------------------------------------------ reading
     def _read_colmap(self):
@@ -209,7 +273,8 @@ class SubjectParser:
     def load_image(self, index: int, background: Sequence[float] = (1.0, 1.0, 1.0), use_mask: bool = True):
         """[H, W, 3] float32 tensor in 0..1 at ``image_scale``, composited onto ``background`` with the
         foreground mask when one exists (so any background colour is exact)."""
-        rgb = load_rgb(self.image_paths[index], (self.width, self.height))
+        native = None if self.allow_resize else (self.full_width, self.full_height)
+        rgb = load_rgb(self.image_paths[index], (self.width, self.height), native)
         mask_path = self.mask_paths[index]
         if use_mask and mask_path is not None:
             mask = self.load_mask(index)
@@ -222,66 +287,113 @@ class SubjectParser:
         path = self.mask_paths[index]
         if path is None:
             return None
-        return load_gray(path, (self.width, self.height))[..., None]
+        native = None if self.allow_resize else (self.full_width, self.full_height)
+        return load_gray(path, (self.width, self.height), native)[..., None]
 
 
-def load_rgb(path: Path, size) -> torch.Tensor:
-    """Read an image as [H, W, 3] float32 0..1 resized to ``size=(W, H)``."""
-    return _load_resized(path, size, "RGB", "image")
+def load_rgb(path: Path, size, native=None) -> torch.Tensor:
+    """Read an image as [H, W, 3] float32 0..1 resized to ``size=(W, H)``; with ``native=(W, H)``
+    the file must have that size (its camera's), else :class:`SubjectDataError`."""
+    return _load_resized(path, size, "RGB", "image", native)
 
 
-def load_gray(path: Path, size) -> torch.Tensor:
-    """Read a mask as [H, W] float32 0..1 resized to ``size=(W, H)``."""
-    return _load_resized(path, size, "L", "mask")
+def load_gray(path: Path, size, native=None) -> torch.Tensor:
+    """Read a mask as [H, W] float32 0..1 resized to ``size=(W, H)`` (``native``: as load_rgb)."""
+    return _load_resized(path, size, "L", "mask", native)
 
 
-def _load_resized(path: Path, size, mode: str, what: str) -> torch.Tensor:
+def _load_resized(path: Path, size, mode: str, what: str, native=None) -> torch.Tensor:
     """PIL read + convert to ``mode`` + resize (box filter when shrinking, bilinear otherwise)."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            if native is not None and img.size != tuple(native):
+                raise SubjectDataError(
+                    f"{path}: {what} is {img.size[0]}x{img.size[1]} but its COLMAP camera is "
+                    f"{native[0]}x{native[1]}; pass --allow_resize to resize it anyway"
+                )
             img = img.convert(mode)
             if img.size != tuple(size):
                 shrink = img.size[0] > size[0]
                 img = img.resize(tuple(size), Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR)
             arr = np.asarray(img, dtype=np.float32) / 255.0
+    except SubjectDataError:
+        raise
     except (OSError, ValueError) as exc:
         raise SubjectDataError(f"{path}: cannot read {what} ({exc})") from None
     return torch.from_numpy(arr)
 
 
-def discover_subjects(data_root: PathLike, subject_ids: Optional[Sequence[str]] = None, verbose: bool = False) -> List[Path]:
+def discover_subjects(data_root: PathLike, subject_ids: Optional[Sequence[str]] = None, verbose: bool = False,
+                      skipped: Optional[List[dict]] = None) -> List[Path]:
     """Subject folders under ``data_root`` sorted by numeric id.
 
     Accepts short names (``306``) and VHAP export names (``306_EXP-1_v16_...``); a folder counts only
-    if it has ``sparse/`` and ``images/``. ``subject_ids`` (e.g. ``["306", "369"]``) selects a subset;
-    ids are compared as integers so ``"74"`` matches ``074``.
+    if it has ``sparse/`` and ``images/``; the others are reported (``verbose``) and appended to
+    ``skipped`` as ``{"subject", "folder", "reason"}``. ``subject_ids`` (e.g. ``["306", "369"]``)
+    selects a subset; ids are compared as integers so ``"74"`` matches ``074``; asking for a folder
+    that was skipped is an error saying why.
     """
     root = Path(data_root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data_root not found")
+    if subject_ids is not None:
+        not_ids = [s for s in subject_ids if not str(s).strip().isdigit()]
+        if not_ids:
+            raise SubjectDataError(f"--subjects: {not_ids} are not subject ids (ids are numbers, e.g. 306)")
     found = {}
-    skipped = []
+    passed = {}
     for child in sorted(root.iterdir()):
         sid = subject_id_from_dir(child)
         if not child.is_dir() or sid is None:
             continue
-        if not (child / "sparse").is_dir() or not (child / "images").is_dir():
-            skipped.append(child.name)
+        lacking = [name + "/" for name in ("sparse", "images") if not (child / name).is_dir()]
+        if lacking:
+            passed[int(sid)] = {"subject": sid, "folder": str(child), "reason": f"no {' or '.join(lacking)}"}
             continue
         if int(sid) in found:
             raise SubjectDataError(f"{root}: two folders for subject {sid}: {found[int(sid)].name}, {child.name}")
         found[int(sid)] = child
     if subject_ids is not None:
         wanted = [int(s) for s in subject_ids]
+        for s in wanted:
+            if s not in found and s in passed:
+                raise SubjectDataError(f"{passed[s]['folder']}: not a usable subject folder ({passed[s]['reason']})")
         missing = [s for s in wanted if s not in found]
         if missing:
             raise SubjectDataError(f"{root}: subjects {missing} not found (have {sorted(found)})")
         found = {k: found[k] for k in wanted}
+        passed = {}
     if verbose:
-        print(f"[data] {root}: {len(found)} subjects {[found[k].name for k in sorted(found)]}"
-              + (f"; skipped (no sparse/ or images/): {skipped}" if skipped else ""))
+        print(f"[data] {root}: {len(found)} subjects {[found[k].name for k in sorted(found)]}")
+        for info in passed.values():
+            print(f"[data] skipped subject {info['subject']} ({info['folder']}): {info['reason']}")
+    if skipped is not None:
+        skipped.extend(passed.values())
     if not found:
         raise SubjectDataError(f"{root}: no subject folders (expected <id>/ or <id>_<name>/ with sparse/ and images/)")
     return [found[k] for k in sorted(found)]
+
+
+def parse_subjects(roots: Sequence[Path], on_bad_subject: str = "skip", verbose: bool = True,
+                   skipped: Optional[List[dict]] = None, **parser_kwargs) -> List["SubjectParser"]:
+    """A :class:`SubjectParser` per folder. A folder that cannot be parsed is skipped with a line
+    saying why (``on_bad_subject="skip"``, appended to ``skipped``) or stops the run (``"stop"``)."""
+    if on_bad_subject not in ("skip", "stop"):
+        raise ValueError(f"--on_bad_subject must be skip or stop, got {on_bad_subject!r}")
+    parsers = []
+    for root in roots:
+        try:
+            parsers.append(SubjectParser(root, **parser_kwargs))
+        except SubjectDataError as exc:
+            if on_bad_subject == "stop":
+                raise SubjectDataError(f"{exc} (subject {Path(root).name}; --on_bad_subject skip trains without it)") from None
+            info = {"subject": subject_id_from_dir(root) or Path(root).name, "folder": str(root), "reason": str(exc)}
+            if verbose:
+                print(f"[data] skipped subject {info['subject']}: {info['reason']}")
+            if skipped is not None:
+                skipped.append(info)
+    if not parsers:
+        raise SubjectDataError(f"no usable subject among {[Path(r).name for r in roots]}")
+    return parsers

@@ -188,18 +188,12 @@ def _to_tensor(value, where: str) -> torch.Tensor:
 
 
 def _load_frame_file(path: Path) -> dict:
-    """A metrical-tracker ``.frame`` (torch.save of nested dicts of tensors / numpy arrays), loaded with
-    ``weights_only`` (no arbitrary code), numpy's array reconstruction explicitly allowed."""
-    safe = [np.ndarray, np.dtype, np.core.multiarray._reconstruct] if hasattr(np, "core") else [np.ndarray, np.dtype]
-    try:
-        from numpy.dtypes import Float32DType, Float64DType, Int64DType
+    """A metrical-tracker ``.frame`` (torch.save of nested dicts of tensors / numpy arrays), read
+    with the restricted unpickler (:mod:`fastavatar.io.unpickle`: data only, no code)."""
+    from fastavatar.io.unpickle import torch_load
 
-        safe += [Float32DType, Float64DType, Int64DType]
-    except ImportError:
-        pass
     try:
-        with torch.serialization.safe_globals(safe):
-            data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch_load(path, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - reported as one line
         raise SequenceError(f"{path}: cannot read tracker frame ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or "flame" not in data or "opencv" not in data:

@@ -23,6 +23,12 @@ from fastavatar.core.splats import Splats
 from fastavatar.io.atomic import atomic_path, atomic_save_image, atomic_write_json
 
 
+def sh_degree_of(splats: Splats) -> int:
+    """The highest SH degree (0..3) the splats' ``shN`` [N, K, 3] holds coefficients for."""
+    k = int(splats["shN"].shape[1])
+    return max(d for d in range(4) if (d + 1) ** 2 - 1 <= k)
+
+
 @torch.no_grad()
 def render_views(splats: Splats, parser: SubjectParser, views: Sequence[int], sh_degree: int = 3,
                  backend: str = "auto", device="cpu") -> torch.Tensor:
@@ -51,7 +57,10 @@ def evaluate_reconstruction(
     """Render all views, score them, optionally save images and JSON. Returns the results dict:
     ``{"unseen": means over views not in seen_views, "seen": means over seen views, "all": ...}``."""
     views = list(range(len(parser)))
-    renders = render_views(splats, parser, views, backend=backend, device=device)
+    bad = [v for v in seen_views if not 0 <= int(v) < len(views)]
+    if bad:
+        raise ValueError(f"--seen_views {bad}: subject {parser.subject_id} has {len(views)} views (0..{len(views) - 1})")
+    renders = render_views(splats, parser, views, sh_degree=sh_degree_of(splats), backend=backend, device=device)
     per_view: List[dict] = []
     for v in views:
         gt = parser.load_image(v)
@@ -76,7 +85,7 @@ def evaluate_reconstruction(
         "unseen": means([r for r in per_view if not r["seen"]]),
         "seen": means([r for r in per_view if r["seen"]]),
         "all": means(per_view),
-        "lpips": "alex" if lpips_model is not None else None,
+        "lpips": getattr(lpips_model, "pnet_type", "unknown") if lpips_model is not None else None,  # trunk used
     }
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "results.json", results)

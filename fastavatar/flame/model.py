@@ -16,14 +16,15 @@ Conventions (owned here):
 The FLAME file is licence-restricted and never bundled: the user puts FLAME 2023
 (``flame2023.pkl``, the version VHAP tracks with) or FLAME 2020 (``generic_model.pkl``) at
 ``pretrained_weights/flame/flame2023.pkl`` or passes ``--flame_model``. Old pickles contain
-chumpy arrays and scipy sparse matrices; :func:`load_flame_model` reads them without chumpy.
+chumpy arrays and scipy sparse matrices; :func:`load_flame_model` reads them without chumpy or
+scipy, through the restricted unpickler (:mod:`fastavatar.io.unpickle`): those objects load as
+inert stand-ins whose arrays are read back here, and nothing in the file can run code.
 A ``.npz`` with the keys of :data:`NPZ_KEYS` is also accepted (this is the format the tests use,
 and :meth:`FlameModel.save_npz` writes it, e.g. to cache a converted pickle or a teeth-extended model).
 """
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from fastavatar.core.cameras import axis_angle_to_matrix
+from fastavatar.io.unpickle import StandInObject, load_npz, load_pickle_file
 
 DEFAULT_FLAME_PATH = Path("pretrained_weights/flame/flame2023.pkl")
 JOINT_NAMES = ("global", "neck", "jaw", "eye_left", "eye_right")
@@ -48,43 +50,44 @@ class FlameModelMissing(FileNotFoundError):
 # --------------------------------------------------------------------------------------------
 
 
-class _ChumpyStub:
-    """Stands in for any chumpy class while unpickling; keeps the pickled state."""
-
-    def __init__(self, *args, **kwargs):
-        self.state = {}
-
-    def __setstate__(self, state):
-        self.state = state if isinstance(state, dict) else {"state": state}
-
-    def to_numpy(self) -> np.ndarray:
-        for key in ("x", "a", "state"):
-            if key in self.state:
-                value = self.state[key]
-                return value.to_numpy() if isinstance(value, _ChumpyStub) else np.asarray(value)
-        raise ValueError(f"chumpy object without a value (state keys {sorted(self.state)})")
-
-
-class _FlameUnpickler(pickle.Unpickler):
-    """Unpickler that maps chumpy classes to :class:`_ChumpyStub` and old scipy paths to new ones."""
-
-    def find_class(self, module: str, name: str):
-        if module.startswith("chumpy"):
-            return _ChumpyStub
-        if module.startswith("scipy.sparse"):
-            import scipy.sparse
-
-            if hasattr(scipy.sparse, name):
-                return getattr(scipy.sparse, name)
-        return super().find_class(module, name)
+def _to_numpy(value, key: str, path) -> np.ndarray:
+    """A FLAME entry as an array: numpy arrays as they are; chumpy ``Ch`` stand-ins by their
+    value (``x``); scipy sparse stand-ins densified from their CSC/CSR/COO arrays."""
+    if isinstance(value, StandInObject):
+        state = value.state_dict()
+        if value.module.split(".")[0] == "chumpy":
+            for name in ("x", "a"):
+                if name in state:
+                    return _to_numpy(state[name], key, path)
+            raise ValueError(f"{path}: FLAME entry {key!r} is a chumpy {value.name} without a value")
+        if value.module.startswith("scipy.sparse"):
+            return _sparse_to_dense(value.name, state, key, path)
+        raise ValueError(f"{path}: FLAME entry {key!r} is a pickled {value.qualname} object, not an array")
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise ValueError(f"{path}: FLAME entry {key!r} holds Python objects, not numbers")
+    return arr
 
 
-def _to_numpy(value) -> np.ndarray:
-    if isinstance(value, _ChumpyStub):
-        return value.to_numpy()
-    if hasattr(value, "toarray"):  # scipy sparse
-        return np.asarray(value.toarray())
-    return np.asarray(value)
+def _sparse_to_dense(name: str, state: dict, key: str, path) -> np.ndarray:
+    shape = state.get("_shape", state.get("shape"))
+    try:
+        shape = tuple(int(s) for s in shape)
+        data = np.asarray(state["data"], dtype=np.float64)
+        if name.startswith(("csc", "csr")):
+            indices = np.asarray(state["indices"], dtype=np.int64)
+            indptr = np.asarray(state["indptr"], dtype=np.int64)
+            dense = np.zeros(shape if name.startswith("csr") else shape[::-1], dtype=np.float64)
+            rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+            np.add.at(dense, (rows, indices), data)
+            return dense if name.startswith("csr") else dense.T
+        if name.startswith("coo"):
+            dense = np.zeros(shape, dtype=np.float64)
+            np.add.at(dense, (np.asarray(state["row"], dtype=np.int64), np.asarray(state["col"], dtype=np.int64)), data)
+            return dense
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"{path}: FLAME entry {key!r}: unreadable sparse matrix ({type(exc).__name__}: {exc})") from None
+    raise ValueError(f"{path}: FLAME entry {key!r}: sparse format {name} is not supported (csc, csr, coo are)")
 
 
 @dataclass
@@ -169,21 +172,22 @@ def _from_arrays(arrays: Dict[str, np.ndarray], source: str, num_shape: int = 30
         missing = [k for k in required if k not in arrays]
         if missing:
             raise ValueError(f"{source}: not a FLAME model file (missing keys {missing})")
-        v_template = _to_numpy(arrays["v_template"])
-        all_dirs = _to_numpy(arrays["shapedirs"])  # [V, 3, S+E]
+        arr = lambda key: _to_numpy(arrays[key], key, source)  # noqa: E731
+        v_template = arr("v_template")
+        all_dirs = arr("shapedirs")  # [V, 3, S+E]
         num_vertices = v_template.shape[0]
-        posedirs = _to_numpy(arrays["posedirs"])  # [V, 3, 36]
-        parents = _to_numpy(arrays["kintree_table"])[0].astype(np.int64)
+        posedirs = arr("posedirs")  # [V, 3, 36]
+        parents = arr("kintree_table")[0].astype(np.int64)
         parents[0] = -1  # the root's parent is stored as a huge uint
         model = FlameModel(
             v_template=f64(v_template),
             shapedirs=f64(all_dirs[:, :, :num_shape]),
             exprdirs=f64(all_dirs[:, :, num_shape:]),
             posedirs=f64(posedirs.reshape(num_vertices * 3, -1).T),
-            J_regressor=f64(_to_numpy(arrays["J_regressor"])),
+            J_regressor=f64(arr("J_regressor")),
             parents=torch.as_tensor(parents),
-            lbs_weights=f64(_to_numpy(arrays["weights"])),
-            faces=torch.as_tensor(_to_numpy(arrays["f"]).astype(np.int64)),
+            lbs_weights=f64(arr("weights")),
+            faces=torch.as_tensor(arr("f").astype(np.int64)),
             source=source,
         )
     _check_model(model)
@@ -219,18 +223,17 @@ def load_flame_model(path: Union[str, Path, None] = None, *, num_shape: int = 30
             f"FLAME model not found at {path}: download FLAME 2023 (flame2023.pkl, licence from "
             f"https://flame.is.tue.mpg.de) and put it at {DEFAULT_FLAME_PATH} or pass --flame_model PATH"
         )
-    if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    else:
-        with open(path, "rb") as fh:
-            try:
-                arrays = _FlameUnpickler(fh, encoding="latin1").load()
-            except Exception as exc:  # noqa: BLE001 - reported as one line
-                raise ValueError(f"{path}: cannot unpickle FLAME model ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(arrays, dict):
-            raise ValueError(f"{path}: FLAME pickle holds a {type(arrays).__name__}, expected a dict")
-    return _from_arrays(arrays, str(path), num_shape=num_shape)
+    try:
+        arrays = load_npz(path) if path.suffix == ".npz" else load_pickle_file(path)
+    except Exception as exc:  # noqa: BLE001 - a damaged or refused pickle raises many types; one line
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise ValueError(f"{path}: cannot read FLAME model ({type(exc).__name__}: {first})") from None
+    if not isinstance(arrays, dict):
+        raise ValueError(f"{path}: FLAME file holds a {type(arrays).__name__}, expected a dict of arrays")
+    try:
+        return _from_arrays(arrays, str(path), num_shape=num_shape)
+    except (IndexError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"{path}: not a usable FLAME model ({type(exc).__name__}: {exc})") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -50,8 +50,13 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     import torch
 
+    import io
+
+    buffer = io.BytesIO()  # serialise first: a full disk is then an OSError (ENOSPC), not a cryptic torch error
+    torch.save(obj, buffer)
     with atomic_path(path, suffix=".pt") as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
 
 
 def atomic_save_image(path: PathLike, image) -> None:

@@ -13,13 +13,17 @@ from typing import Any, Mapping
 
 import torch
 
-from fastavatar.io.legacy_unpickle import PickledStandIn
+from fastavatar.io.unpickle import StandInGlobal, StandInObject
 
 
 def to_plain(obj: Any) -> Any:
     """Best-effort conversion of a (possibly stand-in) config object to plain Python data."""
-    if isinstance(obj, PickledStandIn):
-        return {k: to_plain(v) for k, v in vars(obj).items()}
+    if isinstance(obj, StandInObject):
+        if obj.module == "pathlib" and obj.args and all(isinstance(a, str) for a in obj.args):
+            return os.path.join(*obj.args)  # a pickled Path in a released config
+        return {str(k): to_plain(v) for k, v in obj.to_dict().items()}
+    if isinstance(obj, StandInGlobal):
+        return f"<{obj.qualname}>"
     if is_dataclass(obj) and not isinstance(obj, type):
         return {k: to_plain(v) for k, v in asdict(obj).items()}
     if isinstance(obj, Mapping):

@@ -11,7 +11,8 @@ Normals are written as zeros (viewers ignore them; the INRIA files carry them).
 
 Writing is vectorised (a numpy structured array) and atomic. Reading goes through plyfile, so ASCII
 PLYs and other property types (double, uchar, ...) are converted rather than misread; files that
-lack required properties raise a one-line ``PlyFormatError`` naming the file. Anything non-standard
+lack required properties, have 0 vertices, NaN/Inf values or an ``f_rest`` count that is not an SH
+degree 0-3 layout raise a one-line ``PlyFormatError`` naming the file. Anything non-standard
 (rig, binding) goes into an ``.npz`` sidecar, never into extra PLY properties.
 """
 
@@ -110,9 +111,11 @@ def load_ply(path: PathLike, device: Union[str, torch.device] = "cpu") -> Splats
         return np.stack([np.asarray(vertex[n], dtype=np.float32) for n in names], axis=1)
 
     n = len(vertex)
+    if n == 0:
+        raise PlyFormatError(f"{path}: 0 vertices (an empty splat file)")
     rest = sorted((p for p in available if p.startswith("f_rest_")), key=lambda p: int(p.split("_")[-1]))
-    if len(rest) % 3:
-        raise PlyFormatError(f"{path}: {len(rest)} f_rest_* properties is not a multiple of 3")
+    if len(rest) not in (0, 9, 24, 45):
+        raise PlyFormatError(f"{path}: {len(rest)} f_rest_* properties; SH degrees 0-3 have 0, 9, 24 or 45")
     k = len(rest) // 3
     shn = columns(rest).reshape(n, 3, k).transpose(0, 2, 1) if k else np.zeros((n, 0, 3), np.float32)
     splats = {
@@ -123,4 +126,11 @@ def load_ply(path: PathLike, device: Union[str, torch.device] = "cpu") -> Splats
         "sh0": columns([f"f_dc_{i}" for i in range(3)]).reshape(n, 1, 3),
         "shN": np.ascontiguousarray(shn),
     }
+    finite = np.ones(n, dtype=bool)
+    for value in splats.values():
+        finite &= np.isfinite(value.reshape(n, -1)).all(axis=1)
+    bad = int((~finite).sum())
+    if bad:
+        first = int(np.flatnonzero(~finite)[0])
+        raise PlyFormatError(f"{path}: {bad} of {n} Gaussians have NaN/Inf values (first: vertex {first})")
     return {key: torch.from_numpy(np.ascontiguousarray(value)).to(device) for key, value in splats.items()}

@@ -1,8 +1,9 @@
 """Checkpoint readers and writers, one module per model (the only part of :mod:`fastavatar.io`
 that knows the networks, so it sits above :mod:`fastavatar.models`).
 
-Reads the released FastAvatar files unchanged and writes files that keep the released
-top-level keys while loading with ``torch.load(..., weights_only=True)``.
+Reads the released FastAvatar files unchanged (through the restricted unpickler: their pickled
+configs load as inert :class:`~fastavatar.io.unpickle.StandInObject` data) and writes files that
+keep the released top-level keys while loading with ``torch.load(..., weights_only=True)``.
 """
 
 from fastavatar.data.subject_ids import make_w_ids_to_idx, normalize_subject_id, rows_to_subject_ids, subject_ids_to_rows
@@ -16,13 +17,13 @@ from fastavatar.io.checkpoints.tracker import (
     save_tracker_checkpoint,
 )
 from fastavatar.io.checkpoints.w_encoder import W_ENCODER_FORMAT, load_w_encoder, save_w_encoder_checkpoint
-from fastavatar.io.legacy_unpickle import PickledStandIn
 from fastavatar.io.plain import to_plain
+from fastavatar.io.unpickle import StandInObject
 from fastavatar.io.state_dict import check_state_dict, detect_checkpoint_kind, state_dict_mismatch
 
 __all__ = [
     "DECODER_FORMAT",
-    "PickledStandIn",
+    "StandInObject",
     "TRACKER_FORMAT",
     "W_ENCODER_FORMAT",
     "check_state_dict",

@@ -1,16 +1,16 @@
 """What every checkpoint reader and writer shares: reading a file, checking its kind, and the
 common layout of the files we write.
 
-Reading: :func:`load_checkpoint_file` tries ``torch.load(weights_only=True)`` first and only then
-the lenient unpickler of :mod:`fastavatar.io.legacy_unpickle` (released files pickle dataclass
-configs). Writing: ``config`` is always a plain dict (no pickled classes), so every file we write
-loads with ``weights_only=True``.
+Reading: :func:`load_checkpoint_file` checks the file (zip CRCs, our sha256 stamp, NaN/Inf) and
+unpickles it with the restricted allowlist unpickler of :mod:`fastavatar.io.unpickle`; released
+files' pickled dataclass configs load as inert stand-ins (see :mod:`fastavatar.io.integrity`).
+Writing: ``config`` is always a plain dict (no pickled classes), so every file we write loads with
+``weights_only=True`` too, and carries an ``integrity`` entry (format version, tensor sha256).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastavatar.io.atomic import atomic_torch_save
-from fastavatar.io.legacy_unpickle import lenient_torch_load
+from fastavatar.io.integrity import read_checkpoint, stamp
 from fastavatar.io.plain import plain_config, to_plain
 from fastavatar.io.state_dict import KIND_NAMES, check_state_dict, detect_checkpoint_kind, first_items, state_of
 
@@ -27,26 +27,18 @@ WEIGHTS_README = "pretrained_weights/README.md"
 
 
 def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
-    """``torch.load`` a checkpoint: ``weights_only=True`` first, then the lenient unpickler.
+    """Read a checkpoint safely (:func:`fastavatar.io.integrity.read_checkpoint`).
 
     Raises FileNotFoundError (naming the file and pretrained_weights/README.md) when missing,
-    ValueError when the file is not a readable torch checkpoint.
+    ValueError (:class:`fastavatar.io.integrity.CheckpointError`, one line naming the file) when the
+    file is damaged, has non-finite tensors, fails its checksum or asks for something refused.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint not found: {path} (see {WEIGHTS_README} for the files and where to put them)"
         )
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        pass  # released files pickle dataclass configs: fall through to the lenient loader
-    except Exception as e:  # corrupt / not a torch file
-        raise ValueError(f"{path}: not a readable torch checkpoint ({short_error(e)})") from None
-    try:
-        return lenient_torch_load(path, map_location=map_location)
-    except Exception as e:
-        raise ValueError(f"{path}: could not unpickle checkpoint ({short_error(e)})") from None
+    return read_checkpoint(path, map_location=map_location)
 
 
 def short_error(e: BaseException) -> str:
@@ -113,4 +105,4 @@ def save_trained_model(
         "format": fmt,
         "extra": plain_config(extra, str(path), allow_tensors=True) if extra is not None else None,
     }
-    atomic_torch_save(obj, path)
+    atomic_torch_save(stamp(obj), path)

@@ -16,6 +16,7 @@ import torch
 from fastavatar.core.splats import SPLAT_KEYS
 from fastavatar.data.subject_ids import normalize_subject_id
 from fastavatar.io.atomic import atomic_torch_save
+from fastavatar.io.integrity import stamp
 from fastavatar.io.checkpoints.common import PathLike, cpu_state, load_checkpoint_file, require_kind, short_error
 from fastavatar.io.plain import plain_config
 from fastavatar.io.state_dict import check_state_dict
@@ -100,4 +101,4 @@ def save_decoder_checkpoint(
         "format": DECODER_FORMAT,
         "extra": plain_config(extra, str(path), allow_tensors=True) if extra is not None else None,
     }
-    atomic_torch_save(obj, path)
+    atomic_torch_save(stamp(obj), path)

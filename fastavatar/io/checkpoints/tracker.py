@@ -96,7 +96,7 @@ def load_backbone_weights(backbone: DinoVisionTransformer, path: Union[str, os.P
             f"DINOv2 backbone weights not found: {path} — download {BACKBONE_WEIGHTS_NAME} "
             f"(facebookresearch/dinov2 ViT-B/14) and put it in pretrained_weights/ (see pretrained_weights/README.md)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_checkpoint_file(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if isinstance(state, dict) and any(k.startswith("encoder.dino.") for k in state):
