@@ -84,7 +84,7 @@ def test_photo_mode_end_to_end_tiny(tiny_decoder, data_root, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "scripts" / "inference_feedforward_full_guidance.py"), "--image", str(photo),
            "--decoder_checkpoint", str(tiny_decoder), "--image_scale", "0.1", "--camera_steps", "3", "--w_steps", "2",
-           "--mlp_steps", "2", "--w_lr", "1e-2", "--mlp_lr", "1e-3", "--per_gaussian_steps", "2", "--ring_views", "3",
+           "--mlp_steps", "2", "--w_lr", "1e-2", "--mlp_lr", "1e-3", "--pg_steps", "2", "--ring_views", "3",
            "--turntable_frames", "2", "--output_dir", str(out), "--device", "cpu",
            "--encoder_checkpoint", str(tmp_path / "no_encoder.pth"), "--dino_checkpoint", str(tmp_path / "no_dino.pth")]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

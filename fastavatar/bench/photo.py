@@ -55,7 +55,7 @@ def benchmark_photo(cfg, repeats: int = 1) -> Dict[str, object]:
         results[name] = {"decoder_hidden": dec.config.hidden_dim, "decoder_body_layers": dec.config.body_layers,
                          "seconds": best}
     steps = {"camera": cfg.camera.camera_steps, "w": cfg.fit.w_steps, "mlp": cfg.fit.mlp_steps,
-             "per_gaussian": cfg.per_gaussian_steps if cfg.per_gaussian else 0}
+             "per_gaussian": cfg.gaussians.pg_steps if cfg.gaussians.per_gaussian else 0}
     return {"photo": cfg.image, "image_scale": cfg.image_scale, "steps": steps, "device": str(device),
             "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_1min": os.getloadavg()[0], "machine": platform.processor() or platform.machine(),

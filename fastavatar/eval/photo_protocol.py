@@ -181,6 +181,7 @@ def run_photo_protocol(cfg: PhotoProtocolConfig, show_progress: bool = True) -> 
         if cfg.calibrated_baseline:
             gcfg = GuidedConfig(data_root=cfg.data_root, sample_id=sid, encoder_checkpoint=pc.encoder_checkpoint,
                                 decoder_checkpoint=decoder_path, insightface_root=pc.insightface_root, fit=pc.fit,
+                                gaussians=pc.gaussians,
                                 lpips_net=pc.lpips_net, input_views=[str(cfg.input_view)], joint=True,
                                 image_scale=pc.image_scale, output_dir=str(sub_dir / "calibrated"), device=pc.device,
                                 seed=pc.seed)

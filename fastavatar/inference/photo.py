@@ -24,7 +24,6 @@ initial | final), ``ring.png`` (novel views), ``turntable.gif``, ``camera.json``
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from fastavatar.face.embedding import FaceError
 from fastavatar.face.framing import FramedPhoto, frame_photo
 from fastavatar.face.images import ImageError, LoadedImage, list_images, load_rgb
 from fastavatar.face.pose import PhotoCamera, estimate_camera, rotation_error_deg, yaw_pitch_roll_deg
+from fastavatar.inference.per_gaussian import PerGaussianConfig, refine_gaussians
 from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
 from fastavatar.io.atomic import atomic_save_image, atomic_write_json
 from fastavatar.runtime import progress, resolve_device, seed_everything
@@ -69,8 +69,9 @@ class PhotoConfig:
     template_landmarks: str = option("", "template landmark file (default: the one shipped in fastavatar/face/assets)")
     camera: CameraFitConfig = option(CameraFitConfig(), "camera stage")
     fit: FitConfig = option(FitConfig(), "W then hypernetwork refinement (official: 150 W steps, then 150 MLP steps)")
-    per_gaussian: bool = option(True, "run the per-Gaussian stage after W and the hypernetwork")
-    per_gaussian_steps: int = option(200, "per-Gaussian stage steps")
+    gaussians: PerGaussianConfig = option(
+        PerGaussianConfig(), "per-Gaussian stage after W and the hypernetwork (its flags start with pg_; "
+                             "--no-per_gaussian turns it off), as in the calibrated mode")
     lpips_net: Literal["alex", "vgg"] = option("alex", "LPIPS trunk for the losses")
     image_scale: float = option(1.0, "render size as a fraction of the training views' 550x802")
     ring_views: int = option(8, "novel views in ring.png (a +-60 degree arc around the head)")
@@ -205,21 +206,16 @@ def refine_camera(splats: Splats, target: torch.Tensor, c2w: torch.Tensor, K: to
 
 def per_gaussian_stage(cfg: PhotoConfig, splats: Splats, image: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor,
                        width: int, height: int, template_points: torch.Tensor, lpips_model, show_progress: bool):
-    """The per-Gaussian stage (helper module :mod:`fastavatar.inference.per_gaussian`) on the photo.
-
-    Its settings are ``PerGaussianConfig``'s defaults (the module's tuned weights) with the steps,
-    renderer and view-dependent-colour choice of this run. Returns (splats, seconds, note)."""
-    if not cfg.per_gaussian or cfg.per_gaussian_steps <= 0:
+    """The per-Gaussian stage (:func:`fastavatar.inference.per_gaussian.refine_gaussians`) on the framed photo,
+    with the run's view-dependent-colour choice, SH degree and renderer. Returns (splats, seconds, note)."""
+    g = cfg.gaussians
+    if not g.per_gaussian or g.pg_steps <= 0:
         return splats, 0.0, "off"
-    from fastavatar.inference.per_gaussian import PerGaussianConfig, refine_gaussians
-
-    names = {f.name for f in dataclasses.fields(PerGaussianConfig)}
-    wanted = {"enabled": True, "steps": cfg.per_gaussian_steps, "backend": cfg.fit.render_backend,
-              "keep_view_dependent": cfg.fit.keep_view_dependent}
-    pg = PerGaussianConfig(**{k: v for k, v in wanted.items() if k in names})
-    result = refine_gaussians(splats, image[None], c2w[None], K[None], width, height, pg,
-                              template_points=template_points, lpips_model=lpips_model, show_progress=show_progress)
-    return result.splats, result.seconds, f"{cfg.per_gaussian_steps} steps, {int(result.movable.sum())} movable"
+    result = refine_gaussians(splats, image[None], c2w[None], K[None], width, height, g,
+                              template_points=template_points, lpips_model=lpips_model, show_progress=show_progress,
+                              keep_view_dependent=cfg.fit.keep_view_dependent, sh_degree=cfg.fit.sh_degree,
+                              render_backend=cfg.fit.render_backend)
+    return result.splats, result.seconds, f"{g.pg_steps} steps, {int(result.movable.sum())} Gaussians movable"
 
 
 # ---------------------------------------------------------------------------------------------- outputs
