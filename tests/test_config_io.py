@@ -62,7 +62,9 @@ def test_bundled_yaml_configs_list_only_what_they_change(repo_root):
     from fastavatar.config import config_to_dict, flag_paths, load_yaml
     from fastavatar.train.decoder import DecoderTrainConfig
 
-    owners = {"decoder_cpu_small.yaml": DecoderTrainConfig}
+    from fastavatar.train.blendshapes import BlendshapeTrainConfig
+
+    owners = {"blendshapes_cpu_small.yaml": BlendshapeTrainConfig, "decoder_cpu_small.yaml": DecoderTrainConfig}
     files = sorted(p.name for p in (repo_root / "configs").glob("*.yaml"))
     assert files == sorted(owners), f"register new config files here: {files}"
     for name, cls in owners.items():
