@@ -17,4 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastavatar.bench.animate import benchmark_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(benchmark_main())
+    from fastavatar.cli import run_script
+
+    sys.exit(run_script(lambda _argv: benchmark_main()))

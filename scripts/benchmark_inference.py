@@ -10,4 +10,6 @@ import sys
 from fastavatar.bench.inference import benchmark_main
 
 if __name__ == "__main__":
-    sys.exit(benchmark_main())
+    from fastavatar.cli import run_script
+
+    sys.exit(run_script(lambda _argv: benchmark_main()))

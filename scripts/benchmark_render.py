@@ -282,4 +282,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fastavatar.cli import run_script
+
+    sys.exit(run_script(lambda _argv: main()))

@@ -22,8 +22,10 @@ import sys
 from fastavatar.eval.protocol import evaluate_main
 
 if __name__ == "__main__":
+    from fastavatar.cli import run_script
+
     if "--photo" in sys.argv[1:]:
         from fastavatar.eval.photo_protocol import photo_protocol_main
 
-        sys.exit(photo_protocol_main(sys.argv[1:], description=__doc__))
-    sys.exit(evaluate_main(description=__doc__))
+        sys.exit(run_script(lambda _argv: photo_protocol_main(sys.argv[1:], description=__doc__)))
+    sys.exit(run_script(lambda _argv: evaluate_main(description=__doc__)))

@@ -13,4 +13,6 @@ import sys
 from fastavatar.inference.feedforward import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastavatar.cli import run_script
+
+    sys.exit(run_script(lambda _argv: main()))

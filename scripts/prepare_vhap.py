@@ -27,4 +27,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fastavatar.cli import run_script
+
+    raise SystemExit(run_script(main))

@@ -11,10 +11,11 @@ from typing import Optional
 
 import torch
 
+from fastavatar.cli import TrainingStopped
 from fastavatar.runtime import resolve_device
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStopped):
     """Raised when a loss becomes NaN/Inf; the last good checkpoint is left untouched."""
 
 
@@ -46,6 +47,15 @@ class RunDir:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(self.path / "tb"))
+
+    def continue_tensorboard(self, purge_step: int) -> None:
+        """On resume: reopen the TensorBoard writer so that events at or after ``purge_step`` (steps
+        redone after the checkpoint) are hidden and the curves continue."""
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(str(self.path / "tb"), purge_step=purge_step)
 
     def latest_checkpoint(self) -> Optional[Path]:
         path = self.checkpoints / "latest.pth"

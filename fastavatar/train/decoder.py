@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data import MultiViewDataset, SubjectParser, discover_subjects
+from fastavatar.data.colmap import parse_subjects
 from fastavatar.losses import delta_regularisers, load_lpips, photometric_loss
 from fastavatar.eval.metrics import image_metrics, mean_metrics
 from fastavatar.data.subject_ids import make_w_ids_to_idx
@@ -33,7 +34,7 @@ from fastavatar.io.atomic import atomic_save_image, atomic_write_json
 from fastavatar.io.checkpoints import save_decoder_checkpoint
 from fastavatar.runtime import seed_everything
 from fastavatar.train.common import DistEnv, RunDir, close_distributed, init_distributed
-from fastavatar.train.loop import TrainLoopConfig, TrainTask, run_training
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
 @dataclass
@@ -50,6 +51,9 @@ class DecoderTrainConfig(TrainLoopConfig):
     max_subjects: int = option(417, "use at most this many subjects (sorted by id)")
     image_scale: float = option(1.0, "image scale: 1, 0.5 or 0.25 (intrinsics scaled to match)")
     val_views: List[int] = option([8], "view indices held out for validation (camera 8 is near-frontal)")
+    allow_resize: bool = option(False, "resize images / masks whose size differs from their COLMAP camera (else an error)")
+    on_bad_subject: Literal["skip", "stop"] = option(
+        "skip", "a subject folder that cannot be parsed: skip it (said, and listed in data_summary.json) or stop")
     # model
     ply_file_path: str = option("pretrained_weights/averaged_model.ply", "canonical template PLY (10144 Gaussians)")
     init_from: str = option("", "optional decoder checkpoint to start from (official or ours)")
@@ -80,6 +84,26 @@ class DecoderTrainConfig(TrainLoopConfig):
     # bookkeeping
     save_images: bool = option(True, "save render|target images at validation")
     save_ply_files: bool = option(False, "write each training subject's splats.ply at the end")
+
+    def check(self) -> None:
+        """One-line ValueError naming the flag of the first out-of-range value."""
+        import math
+
+        super().check()
+        if not (isinstance(self.image_scale, (int, float)) and 0 < self.image_scale <= 1):
+            raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
+        for name in ("batch_size", "views_per_subject", "max_subjects", "hidden_dim", "body_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_lr", "w_lr", "base_lr", "embedding_lr", "w_init_std", "l1_weight", "ssim_weight",
+                     "lpips_weight", "scale_reg", "pos_reg"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name} must be a finite number >= 0, got {value}")
+        if not 0 <= self.sh_degree <= 3:
+            raise ValueError(f"--sh_degree must be 0..3, got {self.sh_degree}")
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers must be >= 0, got {self.num_workers}")
 
 
 class DecoderWithW(nn.Module):
@@ -139,16 +163,24 @@ class DecoderTask(TrainTask):
     """Decoder + W table on (subject, view) items, for :func:`fastavatar.train.loop.run_training`."""
 
     name = "train"
+    lr_keys = {"w": ["w_lr"], "mlp": ["mlp_lr"], "base": ["base_lr"], "embedding": ["embedding_lr"]}
 
     def __init__(self, cfg: DecoderTrainConfig, env: DistEnv, run: RunDir) -> None:
         self.cfg, self.env, self.run = cfg, env, run
         device = env.device
-        roots = discover_subjects(cfg.data_root, cfg.subjects or None, verbose=env.is_main)[: cfg.max_subjects]
-        self.parsers = [SubjectParser(p, image_scale=cfg.image_scale) for p in roots]
+        self.skipped: List[dict] = []
+        roots = discover_subjects(cfg.data_root, cfg.subjects or None, verbose=env.is_main,
+                                  skipped=self.skipped)[: cfg.max_subjects]
+        self.parsers = parse_subjects(roots, cfg.on_bad_subject, verbose=env.is_main, skipped=self.skipped,
+                                      image_scale=cfg.image_scale, allow_resize=cfg.allow_resize)
         self.ids = [p.subject_id for p in self.parsers]
         self.w_ids_to_idx = make_w_ids_to_idx(self.ids)  # rows follow the parsers (both sorted by id)
         self.width, self.height = self.parsers[0].width, self.parsers[0].height
-        all_views = range(len(self.parsers[0]))
+        num_views = len(self.parsers[0])
+        bad_views = [v for v in cfg.val_views if not 0 <= v < num_views]
+        if bad_views:
+            raise ValueError(f"--val_views {bad_views}: the subjects have {num_views} views (0..{num_views - 1})")
+        all_views = range(num_views)
         self.train_views = [v for v in all_views if v not in set(cfg.val_views)]
         self.train_set = MultiViewDataset(self.parsers, views=self.train_views)
         self.val_set = MultiViewDataset(self.parsers, views=[v for v in cfg.val_views if v < len(self.parsers[0])])
@@ -246,11 +278,16 @@ def train_decoder(cfg: DecoderTrainConfig) -> Path:
     """Train; returns the run folder. Raises :class:`NonFiniteLossError` on NaN (checkpoints kept)."""
     env = init_distributed(cfg.device)
     seed_everything(cfg.seed + env.rank)
-    run = RunDir(Path(cfg.output_dir), is_main=env.is_main)
+    run = open_run(cfg, env)
     if env.is_main:
         save_config(cfg, run.path)
     task = DecoderTask(cfg, env, run)
+    if env.is_main:
+        atomic_write_json(run.path / "data_summary.json", {"subjects": task.ids, "skipped": task.skipped})
     run_training(task, cfg, run, env)
+    if env.is_main and task.skipped:
+        print(f"[train] skipped {len(task.skipped)} subject(s): "
+              + "; ".join(f"{s['subject']} ({s['reason']})" for s in task.skipped) + " (see data_summary.json)")
     if env.is_main and cfg.save_ply_files:
         save_subject_plys(task.model, task.parsers, run.path / "ply")
     run.close()

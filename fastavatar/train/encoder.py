@@ -37,7 +37,7 @@ from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import resolve_device, seed_everything
 from fastavatar.train.common import DistEnv, RunDir
-from fastavatar.train.loop import TrainLoopConfig, TrainTask, run_training
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
 @dataclass
@@ -200,6 +200,7 @@ class EncoderTask(TrainTask):
     """The W encoder on cached embeddings, for :func:`fastavatar.train.loop.run_training`."""
 
     name = "encoder"
+    lr_keys = {"encoder": ["encoder_lr"]}
 
     def __init__(self, cfg: EncoderTrainConfig, data: EmbeddingSet, w_vectors: torch.Tensor, device: torch.device):
         from fastavatar.models.w_encoder import WEncoder
@@ -280,7 +281,7 @@ def train_encoder(cfg: EncoderTrainConfig) -> Dict[str, object]:
         raise ValueError(f"{cfg.decoder_load_path}: decoder checkpoint has no w_vectors / w_ids_to_idx to regress onto")
     resolve_insightface_root(cfg.insightface_root)
     w_vectors = w_vectors.detach().to(device)  # targets only
-    run = RunDir(Path(cfg.output_dir))
+    run = open_run(cfg, DistEnv.single(device))
     save_config(cfg, run.path)
     try:
         data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress)

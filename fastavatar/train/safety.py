@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 
 from fastavatar.cli import TrainingStopped
+from fastavatar.train.common import NonFiniteLossError
 
 CHECKPOINT_NAMES = re.compile(r"^(latest|best|epoch_\d+)\.pth$")
 # atomic_path temp names: ".<final name>.<random><suffix>" beside the final file
@@ -138,13 +139,15 @@ class StepGuard:
         self.max_param_abs = float(max_param_abs)
         self.advice = advice
 
-    def _stop(self, what: str, step: int) -> None:
-        raise TrainingStopped(f"{what} at step {step}; stopped before saving anything from this step. {self.advice}".strip())
+    def _stop(self, what: str, step: int, non_finite: bool = False) -> None:
+        kind = NonFiniteLossError if non_finite else TrainingStopped
+        raise kind(f"{what} at step {step}; stopped before saving anything from this step (the last good "
+                   f"checkpoint is kept). {self.advice}".strip())
 
     def check_loss(self, loss: torch.Tensor, step: int) -> None:
         value = float(loss.detach())
         if not math.isfinite(value):
-            self._stop(f"the loss became {value}", step)
+            self._stop(f"the loss became {value}", step, non_finite=True)
         if self.max_loss > 0 and value > self.max_loss:
             self._stop(f"the loss exploded to {value:.4g} (> explosion threshold max_loss={self.max_loss:g})", step)
 
@@ -153,7 +156,7 @@ class StepGuard:
         for name, params in self.groups.items():
             grads = [p.grad for p in params if p.grad is not None]
             if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-                self._stop(f"the {name} gradients became non-finite (NaN/Inf)", step)
+                self._stop(f"the {name} gradients became non-finite (NaN/Inf)", step, non_finite=True)
 
     def check_parameters(self, step: int) -> None:
         """After ``optimizer.step()``: the weights must be finite and not exploded."""
@@ -162,7 +165,7 @@ class StepGuard:
                 continue
             peak = float(torch.stack([p.detach().abs().max() for p in params if p.numel()]).max())
             if not math.isfinite(peak):
-                self._stop(f"the {name} parameters became non-finite (NaN/Inf)", step)
+                self._stop(f"the {name} parameters became non-finite (NaN/Inf)", step, non_finite=True)
             if self.max_param_abs > 0 and peak > self.max_param_abs:
                 self._stop(f"the {name} parameters exploded (max |w| = {peak:.4g} > explosion threshold "
                            f"max_param_abs={self.max_param_abs:g})", step)

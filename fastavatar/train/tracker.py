@@ -41,7 +41,7 @@ from fastavatar.data.subject_ids import normalize_subject_id
 from fastavatar.io.atomic import atomic_write_json, atomic_write_text
 from fastavatar.runtime import progress, resolve_device, seed_everything
 from fastavatar.train.common import DistEnv, RunDir
-from fastavatar.train.loop import TrainLoopConfig, TrainTask, run_training
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
 @dataclass
@@ -55,6 +55,9 @@ class TrackerTrainConfig(TrainLoopConfig):
     max_subjects: int = option(417, "use at most this many subjects (sorted by id)")
     val_subjects: List[str] = option([], "subject ids held out for validation (empty: the last subject if >= 2)")
     image_scale: float = option(0.5, "scale at which views are read before the 224x224 resize")
+    allow_resize: bool = option(False, "resize images / masks whose size differs from their COLMAP camera (else an error)")
+    on_bad_subject: Literal["skip", "stop"] = option(
+        "skip", "a subject folder that cannot be parsed: skip it (said, and listed in data_summary.json) or stop")
     preprocess: Literal["squash", "pad"] = option("squash", "tracker input: squash (released inference) or pad (aspect kept)")
     num_workers: int = option(0, "DataLoader workers")
     cache_images: bool = option(True, "keep preprocessed 224x224 inputs in memory")
@@ -184,6 +187,7 @@ class TrackerTask(TrainTask):
     """The DINOv2 tracker on (subject, view) items, for :func:`fastavatar.train.loop.run_training`."""
 
     name = "tracker"
+    lr_keys = {"tracker": ["lr", "backbone_lr"]}  # param group 0: heads, 1: backbone (when trained)
 
     def __init__(self, cfg: TrackerTrainConfig, tracker, train_p, val_p, device: torch.device, run_path: Path) -> None:
         self.cfg, self.tracker, self.device, self.run_path = cfg, tracker, device, run_path
@@ -266,18 +270,23 @@ class TrackerTask(TrainTask):
 
 def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
     """Run tracker training; returns final metrics (also written to ``metrics.json``)."""
-    from fastavatar.data import SubjectParser, discover_subjects
+    from fastavatar.data import discover_subjects
+    from fastavatar.data.colmap import parse_subjects
 
     if cfg.points_loss not in ("l1", "l2"):
         raise ValueError(f"--points_loss must be l1 or l2, got {cfg.points_loss!r}")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tracker = build_tracker(cfg)  # fails fast on missing backbone weights, before any output
-    run = RunDir(Path(cfg.output_dir))
+    run = open_run(cfg, DistEnv.single(device))
     save_config(cfg, run.path)
     try:
-        dirs = discover_subjects(cfg.data_root)[: max(0, cfg.max_subjects)]
-        parsers = [SubjectParser(d, image_scale=cfg.image_scale) for d in progress(dirs, enabled=cfg.progress, desc="subjects")]
+        skipped: list = []
+        dirs = discover_subjects(cfg.data_root, verbose=True, skipped=skipped)[: max(0, cfg.max_subjects)]
+        parsers = parse_subjects(dirs, cfg.on_bad_subject, skipped=skipped, image_scale=cfg.image_scale,
+                                 allow_resize=cfg.allow_resize)
+        atomic_write_json(run.path / "data_summary.json",
+                          {"subjects": [p.subject_id for p in parsers], "skipped": skipped})
         ids = [normalize_subject_id(p.subject_id) for p in parsers]
         wanted = [normalize_subject_id(s) for s in cfg.val_subjects]
         unknown = [s for s in wanted if s not in ids]
