@@ -249,8 +249,8 @@ def photo_protocol_main(argv, description: str = "") -> int:
     from fastavatar.inference.photo import PhotoModeError
 
     args = [a for a in argv if a not in ("--protocol", "--photo")]
-    cfg = parse_config(PhotoProtocolConfig, args, description=description)
     try:
+        cfg = parse_config(PhotoProtocolConfig, args, description=description)
         table = run_photo_protocol(cfg)
     except (FileNotFoundError, ValueError, ImportError, ImageError, FaceError, PhotoModeError) as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

@@ -50,9 +50,11 @@ class CameraFitConfig:
     """The camera stage: PnP, then photometric + landmark refinement of pose and focal."""
 
     focal: float = option(0.0, "photo focal length in pixels when known (0: estimate it by PnP)")
-    camera_steps: int = option(40, "camera refinement steps (pose + focal) against the photo, before W")
-    camera_lr: float = option(2e-3, "camera refinement learning rate (radians / metres / log-focal units)")
-    landmark_weight: float = option(1.0, "weight of the landmark reprojection term (per image height) in the camera stage")
+    camera_steps: int = option(20, "camera refinement steps (pose + focal) against the photo, before W")
+    camera_lr: float = option(1e-3, "camera refinement learning rate (radians / metres / log-focal units)")
+    landmark_weight: float = option(
+        0.05, "weight of the landmark reprojection term (mean error / image height) in the camera stage: keeps the "
+              "photometric term from drifting the pose while letting it correct PnP")
 
 
 @dataclass
@@ -148,9 +150,11 @@ def _first_line(exc: BaseException) -> str:
 def camera_c2w_K(base_c2w: torch.Tensor, base_K: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor,
                  log_focal: torch.Tensor):
     """A camera perturbed in its own frame: c2w = base_c2w @ [R(rot) | trans], focal scaled by exp(log_focal)."""
-    from fastavatar.core.cameras import axis_angle_to_matrix
-
-    top = torch.cat([axis_angle_to_matrix(rot), trans[:, None]], dim=1)  # [3, 4]
+    zero = torch.zeros((), dtype=rot.dtype, device=rot.device)
+    skew = torch.stack([torch.stack([zero, -rot[2], rot[1]]), torch.stack([rot[2], zero, -rot[0]]),
+                        torch.stack([-rot[1], rot[0], zero])])
+    # matrix_exp is differentiable at rot = 0 (Rodrigues with a small-angle switch has zero gradient there)
+    top = torch.cat([torch.linalg.matrix_exp(skew), trans[:, None]], dim=1)  # [3, 4]
     bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=base_c2w.dtype, device=base_c2w.device)
     c2w = base_c2w @ torch.cat([top, bottom], dim=0)
     scale = torch.exp(log_focal)
