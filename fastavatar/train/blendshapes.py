@@ -226,8 +226,8 @@ def train_blendshapes(cfg: BlendshapeTrainConfig) -> Dict[str, object]:
     from fastavatar.io.atomic import atomic_write_json
     from fastavatar.io.ply import save_ply
     from fastavatar.runtime import resolve_device, seed_everything
-    from fastavatar.train.common import DistEnv, RunDir
-    from fastavatar.train.loop import run_training
+    from fastavatar.train.common import DistEnv
+    from fastavatar.train.loop import open_run, run_training
 
     check_inputs(cfg)
     device = resolve_device(cfg.device)
@@ -239,7 +239,7 @@ def train_blendshapes(cfg: BlendshapeTrainConfig) -> Dict[str, object]:
         print(f"[blendshapes] the starting rig has {init_rig.num_expr} expression bases; learning deltas for those "
               f"(--num_expr {cfg.num_expr} asked for more)")
     init_rig = init_rig.truncated(min(cfg.num_expr, init_rig.num_expr)).to(torch.float32, device=device)
-    run = RunDir(Path(cfg.output_dir))
+    run = open_run(cfg, DistEnv.single(device))  # refuses another run's checkpoints; cleans interrupted writes
     save_config(cfg, run.path)
     try:
         task = BlendshapeTask(cfg, sequence, init_rig, train_ids, test_ids, device)
