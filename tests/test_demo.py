@@ -15,13 +15,14 @@ def test_demo_script_end_to_end_tiny(tmp_path, data_root):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--data_root", str(data_root), "--image_scale", "0.125",
          "--template_iterations", "3", "--decoder_epochs", "1", "--decoder_hidden_dim", "16",
-         "--decoder_body_layers", "1", "--w_steps", "2", "--mlp_steps", "2", "--turntable_frames", "3",
+         "--decoder_body_layers", "1", "--w_steps", "2", "--mlp_steps", "2", "--pg_steps", "2", "--turntable_frames", "3",
          "--output_dir", str(out), "--device", "cpu", "--render_backend", "torch"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "results on the 15 unseen views of subject 128" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["unseen_views"]) == {"template", "decoder_mean_w", "fit"}
+    assert set(summary["unseen_views"]) == {"template", "decoder_mean_w", "fit", "final"}
+    assert summary["per_gaussian"].startswith("2 steps")
     assert summary["input_view"] == "00000_08.png" and summary["num_unseen_views"] == 15
     recon = out / "reconstruction"
     assert load_ply(recon / "splats.ply")["means"].shape == (10144, 3)

@@ -12,6 +12,7 @@ from fastavatar.io.checkpoints import save_decoder_checkpoint
 from fastavatar.data import SubjectParser
 from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
 from fastavatar.inference.guided import GuidedConfig, run_guided
+from fastavatar.inference.per_gaussian import PerGaussianConfig
 from fastavatar.models.decoder import DecoderConfig, GaussianDecoder
 from fastavatar.io.ply import load_ply, save_ply
 from fastavatar.train.template import TemplateFitConfig, average_splats, fit_subject, initial_splats, knn_mean_distance
@@ -110,6 +111,7 @@ def test_guided_run_writes_all_outputs(tmp_path, tiny_decoder_ckpt, data_root):
                        encoder_checkpoint=str(tmp_path / "absent.pth"),
                        fit=FitConfig(w_steps=2, mlp_steps=2, w_lr=1e-2, mlp_lr=1e-3, lpips_weight=0.0,
                                      render_backend="torch"),
+                       gaussians=PerGaussianConfig(pg_steps=3, pg_lpips_weight=0.0),
                        input_views=["0", "8"], image_scale=0.125, output_dir=str(tmp_path / "g"), device="cpu")
     summary = run_guided(cfg, show_progress=False)
     assert [r["input_views"] for r in summary["runs"]] == [["00000_00.png"], ["00000_08.png"]]
@@ -117,8 +119,12 @@ def test_guided_run_writes_all_outputs(tmp_path, tiny_decoder_ckpt, data_root):
     run = tmp_path / "g" / "sample_306" / "input08"
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["initial"]) == {"input", "unseen"} and metrics["final"]["unseen"]["psnr"] > 5
-    assert set(metrics["seconds"]) >= {"w_phase", "mlp_phase", "refine_total"}
-    assert load_ply(run / "final" / "splats.ply")["means"].shape == (10144, 3)
+    assert set(metrics["seconds"]) >= {"w_phase", "mlp_phase", "per_gaussian_phase", "refine_total"}
+    assert metrics["per_gaussian"].startswith("3 steps")
+    # the per-Gaussian stage runs after W + MLP: the final splats differ from the fit, and fit the input better
+    fit, final = load_ply(run / "fit" / "splats.ply"), load_ply(run / "final" / "splats.ply")
+    assert final["means"].shape == (10144, 3) and not torch.equal(fit["sh0"], final["sh0"])
+    assert metrics["final"]["input"]["psnr"] > metrics["fit"]["input"]["psnr"]
     assert len(list((run / "final" / "side_by_side").iterdir())) == 16
     assert len(json.loads((run / "final" / "per_view.json").read_text())) == 16
     assert (tmp_path / "g" / "summary.json").is_file() and (tmp_path / "g" / "config.yaml").is_file()
@@ -137,8 +143,12 @@ def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_r
     assert sum(v["seen"] for v in per_view) == 1 and len(per_view) == 16
     assert (tmp_path / "ev" / "side_by_side" / "00000_03.png").is_file()
 
+    for sid in ("128", "306"):  # leave-one-out layout: one decoder per held-out subject
+        (tmp_path / "loo" / sid).mkdir(parents=True)
+        (tmp_path / "loo" / sid / "decoder.pth").write_bytes(tiny_decoder_ckpt.read_bytes())
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "evaluate.py"), "--protocol", "--subjects", "128", "306",
-                          "--data_root", str(data_root), "--decoder_checkpoint", str(tiny_decoder_ckpt),
+                          "--data_root", str(data_root), "--decoder_checkpoint",
+                          str(tmp_path / "loo" / "{subject}" / "decoder.pth"), "--no-per_gaussian",
                           "--encoder_checkpoint", str(tmp_path / "none.pth"), "--w_steps", "1", "--mlp_steps", "1", "--image_scale",
                           "0.125", "--output_dir", str(tmp_path / "proto"), "--device", "cpu", "--render_backend", "torch",
                           "--lpips_weight", "0", "--no-save_images"],
@@ -146,7 +156,12 @@ def test_evaluate_script_single_and_protocol(tmp_path, tiny_decoder_ckpt, data_r
     assert out.returncode == 0, out.stderr[-2000:]
     table = json.loads((tmp_path / "proto" / "table.json").read_text())
     assert [r["subject"] for r in table["subjects"]] == ["128", "306"]
-    assert set(table["overall"]) == {"template", "feed_forward", "full"}
+    assert set(table["overall"]) == {"template", "feed_forward", "fit", "full"}
+    assert table["subjects"][0]["decoder_checkpoint"] == str(tmp_path / "loo" / "128" / "decoder.pth")
+    assert table["subjects"][1]["decoder_checkpoint"] == str(tmp_path / "loo" / "306" / "decoder.pth")
+    assert table["per_gaussian"] is False
+    for row in table["subjects"]:  # the stage is off: the final splats are the W + MLP fit
+        assert row["full"] == row["fit"] and row["per_gaussian_seconds"] == 0.0
     assert "| **mean** |" in (tmp_path / "proto" / "table.md").read_text()
 
 

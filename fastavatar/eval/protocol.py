@@ -1,6 +1,11 @@
 """The evaluation protocol: fit each subject from its input view(s) with guided inference and
-score the unseen views, next to two baselines (the decoder template alone at the subject's
-points, and the feed-forward result before refinement). Writes ``table.md`` and ``table.json``.
+score the unseen views, next to the baselines (the decoder template alone at the subject's
+points, the feed-forward result before refinement, and the W + hypernetwork fit before the
+per-Gaussian stage). Writes ``table.md`` and ``table.json``.
+
+Leave one subject out: give ``--decoder_checkpoint`` with a ``{subject}`` placeholder (e.g.
+``outputs/loo/{subject}/decoder_run/checkpoints/latest.pth`` from ``scripts/train_loo_decoders.py``)
+and each subject is scored with the decoder trained without it.
 Also the ``scripts/evaluate.py`` command (:func:`evaluate_main`).
 
 The top of :mod:`fastavatar.eval`: it runs :mod:`fastavatar.inference.guided`, which itself scores
@@ -28,24 +33,37 @@ from fastavatar.runtime import resolve_device
 
 def run_protocol(cfg: GuidedConfig, subjects: List[str], show_progress: bool = True) -> dict:
     """The evaluation protocol: for each subject, fit from ``cfg.input_views`` and score the unseen
-    views, next to two baselines: the decoder template alone (at the subject's points) and the
-    feed-forward result before refinement. Writes ``table.md`` and ``table.json`` in output_dir."""
+    views, next to the baselines: the decoder template alone (at the subject's points), the
+    feed-forward result before refinement, and the W + hypernetwork fit before the per-Gaussian stage.
+    A ``{subject}`` placeholder in ``cfg.decoder_checkpoint`` loads one decoder per subject (leave one out).
+    Writes ``table.md`` and ``table.json`` in output_dir."""
     device = resolve_device(cfg.device)
-    decoder, w_vectors, _ = load_decoder(cfg.decoder_checkpoint, device=device)
+    per_subject = "{subject}" in cfg.decoder_checkpoint
+    if not per_subject:
+        decoder, w_vectors, _ = load_decoder(cfg.decoder_checkpoint, device=device)
     lpips_model = load_lpips(cfg.lpips_net, device)
     root = Path(cfg.output_dir)
     rows = []
     for sid in subjects:
-        sub_cfg = replace(cfg, sample_id=sid, joint=True, output_dir=str(root / f"subject_{sid}"))
+        checkpoint = cfg.decoder_checkpoint.format(subject=sid) if per_subject else cfg.decoder_checkpoint
+        if per_subject:
+            decoder, w_vectors, _ = load_decoder(checkpoint, device=device)
+        sub_cfg = replace(cfg, sample_id=sid, joint=True, decoder_checkpoint=checkpoint,
+                          output_dir=str(root / f"subject_{sid}"))
         summary = run_guided(sub_cfg, decoder=decoder, w_vectors=w_vectors, show_progress=show_progress,
                              score_template=True)
         run = summary["runs"][0]
-        rows.append({"subject": sid, "template": summary["template"], "feed_forward": run["initial"]["unseen"],
+        seconds = run["seconds"]
+        rows.append({"subject": sid, "decoder_checkpoint": checkpoint, "template": summary["template"],
+                     "feed_forward": run["initial"]["unseen"], "fit": run["fit"]["unseen"],
                      "full": run["final"]["unseen"], "w_init": run["w_init"],
-                     "refine_seconds": run["seconds"]["refine_total"]})
-    overall = {m: mean_metrics([r[m] for r in rows]) for m in ("template", "feed_forward", "full")}
+                     "fit_seconds": seconds.get("w_phase", 0.0) + seconds.get("mlp_phase", 0.0),
+                     "per_gaussian_seconds": seconds.get("per_gaussian_phase", 0.0),
+                     "refine_seconds": seconds["refine_total"]})
+    overall = {m: mean_metrics([r[m] for r in rows]) for m in ("template", "feed_forward", "fit", "full")}
     table = {"subjects": rows, "overall": overall, "input_views": cfg.input_views, "image_scale": cfg.image_scale,
-             "decoder_checkpoint": cfg.decoder_checkpoint, "lpips": lpips_model is not None}
+             "decoder_checkpoint": cfg.decoder_checkpoint, "per_gaussian": cfg.gaussians.per_gaussian,
+             "lpips": lpips_model is not None}
     atomic_write_json(root / "table.json", table)
     atomic_write_text(root / "table.md", protocol_markdown(table))
     return table
@@ -56,11 +74,15 @@ def protocol_markdown(table: dict) -> str:
         lp = "–" if m.get("lpips") is None else f"{m['lpips']:.3f}"
         return f"{m['psnr']:.2f} / {m['ssim']:.3f} / {lp}"
 
-    lines = ["| subject | template | feed-forward | full (refined) |", "|---|---|---|---|"]
+    last = "full (+ per-Gaussian stage)" if table.get("per_gaussian", True) else "full (per-Gaussian stage off)"
+    lines = [f"| subject | template | feed-forward | W + MLP fit | {last} | seconds (fit + per-Gaussian) |",
+             "|---|---|---|---|---|---|"]
     for r in table["subjects"]:
-        lines.append(f"| {r['subject']} | {cell(r['template'])} | {cell(r['feed_forward'])} | {cell(r['full'])} |")
+        lines.append(f"| {r['subject']} | {cell(r['template'])} | {cell(r['feed_forward'])} | {cell(r['fit'])} | "
+                     f"{cell(r['full'])} | {r['fit_seconds']:.0f} + {r['per_gaussian_seconds']:.0f} |")
     o = table["overall"]
-    lines.append(f"| **mean** | {cell(o['template'])} | {cell(o['feed_forward'])} | {cell(o['full'])} |")
+    lines.append(f"| **mean** | {cell(o['template'])} | {cell(o['feed_forward'])} | {cell(o['fit'])} | "
+                 f"{cell(o['full'])} | |")
     return ("PSNR (dB) / SSIM / LPIPS on the views not used as input "
             f"(input views {table['input_views']}, image scale {table['image_scale']})\n\n" + "\n".join(lines) + "\n")
 

@@ -25,6 +25,7 @@ import torch
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data import SubjectParser, discover_subjects
 from fastavatar.eval.evaluate import evaluate_reconstruction
+from fastavatar.inference.per_gaussian import PerGaussianConfig, refine_gaussians
 from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
 from fastavatar.losses import load_lpips
 from fastavatar.io.ply import save_ply
@@ -44,6 +45,9 @@ class GuidedConfig:
     decoder_checkpoint: str = option("pretrained_weights/decoder_neutral_flame.pth", "decoder checkpoint")
     insightface_root: str = option("", "insightface buffalo_l folder (for the encoder's start W)")
     fit: FitConfig = option(FitConfig(), "test-time refinement (official: 150 W steps, then 150 MLP steps)")
+    gaussians: PerGaussianConfig = option(
+        PerGaussianConfig(), "per-Gaussian stage after W and the hypernetwork (its flags start with pg_; "
+                             "--no-per_gaussian turns it off)")
     lpips_net: Literal["alex", "vgg"] = option("alex", "LPIPS trunk for loss and metric")
     input_views: List[str] = option(["8"], "input view indices (e.g. 8 or 0 8), or 'all' to fit each view in turn")
     joint: bool = option(False, "fit several input views jointly instead of one after another")
@@ -148,9 +152,10 @@ def run_guided(cfg: GuidedConfig, decoder=None, w_vectors=None, show_progress: b
         "sample_id": parser.subject_id,
         "image_size": [parser.width, parser.height],
         "device": str(device),
-        "runs": [{k: r[k] for k in ("input_views", "w_init", "initial", "final", "seconds", "output_dir")} for r in runs],
+        "runs": [{k: r[k] for k in ("input_views", "w_init", "initial", "fit", "final", "seconds", "output_dir")}
+                 for r in runs],
         "mean_unseen": {
-            stage: mean_metrics([r[stage]["unseen"] for r in runs]) for stage in ("initial", "final")
+            stage: mean_metrics([r[stage]["unseen"] for r in runs]) for stage in ("initial", "fit", "final")
         },
         "config": config_to_dict(cfg),
     }
@@ -169,22 +174,33 @@ def _fit_and_score(cfg, decoder, w_vectors, parser, points, views, lpips_model, 
     print(f"[guided] subject {parser.subject_id}, input view(s) {[parser.image_names[v] for v in views]}: start W from {source}")
     images = torch.stack([parser.load_image(v) for v in views]).to(device)
     t0 = time.perf_counter()
-    result = fit_to_views(decoder, w0, points, images, parser.c2w[views].to(device), parser.Ks[views].to(device),
-                          parser.width, parser.height, cfg.fit, lpips_model, show_progress=show_progress)
-    seconds = {**{f"{k}_phase": v for k, v in result.seconds.items()}, "refine_total": time.perf_counter() - t0}
+    c2w, Ks = parser.c2w[views].to(device), parser.Ks[views].to(device)
+    result = fit_to_views(decoder, w0, points, images, c2w, Ks, parser.width, parser.height, cfg.fit, lpips_model,
+                          show_progress=show_progress)
+    stage = refine_gaussians(result.splats, images, c2w, Ks, parser.width, parser.height, cfg.gaussians,
+                             template_points=decoder.template_means, lpips_model=lpips_model,
+                             show_progress=show_progress, keep_view_dependent=cfg.fit.keep_view_dependent,
+                             sh_degree=cfg.fit.sh_degree, render_backend=cfg.fit.render_backend)
+    seconds = {**{f"{k}_phase": v for k, v in result.seconds.items()}, "per_gaussian_phase": stage.seconds,
+               "refine_total": time.perf_counter() - t0}
     save_ply(run_dir / "initial" / "splats.ply", result.initial_splats)
-    save_ply(run_dir / "final" / "splats.ply", result.splats)
+    save_ply(run_dir / "fit" / "splats.ply", result.splats)  # after W and the hypernetwork
+    save_ply(run_dir / "final" / "splats.ply", stage.splats)  # after the per-Gaussian stage (= fit when off)
     np.save(run_dir / "w_initial.npy", w0.detach().cpu().numpy())
     np.save(run_dir / "w_final.npy", result.w.cpu().numpy())
     scores = {}
-    for stage, splats in (("initial", result.initial_splats), ("final", result.splats)):
-        res = evaluate_reconstruction(splats, parser, run_dir / stage, views, lpips_model, cfg.fit.render_backend, device,
-                                      save_images=cfg.save_images)
-        scores[stage] = {"input": res["seen"], "unseen": res["unseen"]}
+    for name, splats in (("initial", result.initial_splats), ("fit", result.splats), ("final", stage.splats)):
+        res = evaluate_reconstruction(splats, parser, run_dir / name, views, lpips_model, cfg.fit.render_backend, device,
+                                      save_images=cfg.save_images and name != "fit")
+        scores[name] = {"input": res["seen"], "unseen": res["unseen"]}
     record = {"input_views": [parser.image_names[v] for v in views], "w_init": source, **scores, "seconds": seconds,
+              "per_gaussian": ("off" if not cfg.gaussians.per_gaussian else
+                               f"{cfg.gaussians.pg_steps} steps, {int(stage.movable.sum())} of "
+                               f"{stage.movable.numel()} Gaussians movable"),
               "losses_first_last": [result.losses[0], result.losses[-1]] if result.losses else [],
               "output_dir": str(run_dir)}
     atomic_write_json(run_dir / "metrics.json", record)
-    print(f"[guided]   unseen views: PSNR {scores['initial']['unseen']['psnr']:.2f} -> {scores['final']['unseen']['psnr']:.2f} dB"
-          f" (refinement {seconds['refine_total']:.1f} s)")
+    print(f"[guided]   unseen views: PSNR {scores['initial']['unseen']['psnr']:.2f} (start) -> "
+          f"{scores['fit']['unseen']['psnr']:.2f} (W + MLP) -> {scores['final']['unseen']['psnr']:.2f} dB "
+          f"(per-Gaussian stage: {record['per_gaussian']}; refinement {seconds['refine_total']:.1f} s)")
     return record
