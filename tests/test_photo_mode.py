@@ -184,3 +184,31 @@ def test_initialisation_uses_official_models_when_present(tiny_decoder, tmp_path
     assert bare.w_source.startswith("mean_w (no W-encoder checkpoint") and bare.points_source.startswith("template")
     torch.testing.assert_close(bare.w, w_vectors.mean(0, keepdim=True))
     torch.testing.assert_close(bare.points, decoder.template_means)
+
+
+@pytest.mark.slow
+def test_camera_stage_recovers_a_small_pose_error():
+    """refine_camera pulls a camera rotated by 3 degrees back towards the one that rendered the target
+    (regression: the pose had a zero gradient at the start)."""
+    from fastavatar.core.cameras import look_at_c2w
+    from fastavatar.inference.photo import CameraFitConfig, PhotoConfig, camera_c2w_K, refine_camera
+    from fastavatar.inference.refine import FitConfig
+    from fastavatar.render import render_splats
+
+    gen = torch.Generator().manual_seed(0)
+    n = 400
+    splats = {"means": torch.randn(n, 3, generator=gen) * 0.06, "quats": torch.tensor([[1.0, 0, 0, 0]]).repeat(n, 1),
+              "scales": torch.full((n, 3), -4.0), "opacities": torch.full((n,), 2.0),
+              "sh0": torch.randn(n, 1, 3, generator=gen), "shN": torch.zeros(n, 15, 3)}
+    true_c2w = look_at_c2w(torch.tensor([0.0, 0.0, 1.0]), torch.zeros(3), torch.tensor([0.0, -1.0, 0.0]))
+    K = torch.tensor([[80.0, 0, 24], [0, 80.0, 24], [0, 0, 1]])
+    target = render_splats(splats, true_c2w, K, 48, 48, backend="torch").rgb[0]
+    start, _ = camera_c2w_K(true_c2w, K, torch.tensor([0.0, 0.05, 0.0]), torch.zeros(3), torch.zeros(()))
+    cfg = PhotoConfig(camera=CameraFitConfig(camera_steps=40, camera_lr=3e-3, landmark_weight=0.0),
+                      fit=FitConfig(ssim_weight=0.0, lpips_weight=0.0, render_backend="torch"))
+    c2w, _, losses = refine_camera(splats, target, start, K, 48, 48, torch.zeros(1, 3), torch.zeros(1, 2), cfg,
+                                   show_progress=False)
+    before = rotation_error_deg(start[:3, :3].double().numpy(), true_c2w[:3, :3].double().numpy())
+    after = rotation_error_deg(c2w[:3, :3].double().numpy(), true_c2w[:3, :3].double().numpy())
+    assert before == pytest.approx(2.86, abs=0.05)
+    assert after < 0.5 * before and losses[-1] < losses[0]
