@@ -40,6 +40,7 @@ class DemoConfig:
     input_view: int = option(8, "the single view the reconstruction sees (8: near-frontal)")
     image_scale: float = option(0.25, "image scale for every stage (0.25: 138x200)")
     output_dir: str = option("outputs/demo", "where everything is written")
+    overwrite: bool = option(False, "replace the decoder run of an earlier demo in output_dir (refused otherwise)")
     template_iterations: int = option(150, "template fit steps per training subject")
     decoder_epochs: int = option(16, "decoder training epochs (15 views x subjects per epoch)")
     decoder_hidden_dim: int = option(128, "hypernetwork width for the demo (official: 256)")
@@ -81,6 +82,7 @@ def build_demo_decoder(cfg: DemoConfig, device) -> Tuple[Path, Path, Dict[str, f
         w_lr=cfg.decoder_w_lr,
         output_dir=str(out / "decoder_run"), eval_every=max(cfg.decoder_epochs // 2, 1), save_every=cfg.decoder_epochs,
         device=str(device), render_backend=backend, seed=cfg.seed, w_init_std=0.1, lpips_weight=0.1,
+        overwrite=cfg.overwrite,
     )
     run_dir = train_decoder(train_cfg)
     timings["decoder_training_s"] = time.time() - t0
