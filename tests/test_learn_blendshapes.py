@@ -88,10 +88,10 @@ def test_teeth_are_rigid_and_bounded():
     learner = BlendshapeModel(rig, BlendshapeModelConfig(teeth_radius=0.005))
     teeth = rig.triangle_ids >= model.num_faces - 168
     assert int(learner.teeth.sum()) == int(teeth.sum()) == 168 and torch.all(learner.masks[:, teeth] == 0)
-    assert float(learner.regularisers()["teeth"]) == 0
+    assert float(learner.regularisers()["teeth"].detach()) == 0
     with torch.no_grad():
         learner.rest_means[teeth] += torch.tensor([0.0, 0.0, 0.02])  # 2 cm out of the mouth
-    assert float(learner.regularisers()["teeth"]) > 0
+    assert float(learner.regularisers()["teeth"].detach()) > 0
 
 
 # ------------------------------------------------------------------ the trainer on written sequences
