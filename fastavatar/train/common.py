@@ -1,18 +1,17 @@
-"""What every training loop shares: the run directory, TensorBoard, the NaN guard and the
-distributed environment (device, seeding and progress bars: :mod:`fastavatar.runtime`)."""
+"""What every training loop shares: the run directory, TensorBoard and the NaN guard (the
+distributed environment: :mod:`fastavatar.train.distributed`; device, seeding and progress bars:
+:mod:`fastavatar.runtime`)."""
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from fastavatar.cli import TrainingStopped
-from fastavatar.runtime import resolve_device
+from fastavatar.train.distributed import DistEnv  # noqa: F401  (re-exported: its home is train/distributed.py)
 
 
 class NonFiniteLossError(TrainingStopped):
@@ -73,58 +72,3 @@ class RunDir:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def distributed_info() -> tuple:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when not distributed."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    return rank, world, local
-
-
-@dataclass
-class DistEnv:
-    """Where this process trains: its rank among ``world_size`` processes and its device."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def single(cls, device: torch.device) -> "DistEnv":
-        """One process on ``device``."""
-        return cls(0, 1, 0, torch.device(device))
-
-
-def init_distributed(device_name: str) -> DistEnv:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo otherwise) and
-    take this rank's device; else one process on :func:`fastavatar.runtime.resolve_device`."""
-    rank, world, local_rank = distributed_info()
-    if world <= 1:
-        return DistEnv.single(resolve_device(device_name))
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.cuda.is_available() and device_name != "cpu" else "gloo"
-    dist.init_process_group(backend=backend)
-    device = torch.device(f"cuda:{local_rank}") if backend == "nccl" else torch.device("cpu")
-    return DistEnv(rank, world, local_rank, device)
-
-
-def close_distributed(env: DistEnv) -> None:
-    """Wait for every rank, then leave the process group (no-op for one process)."""
-    if env.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-        dist.destroy_process_group()
-

@@ -33,7 +33,8 @@ from fastavatar.data.subject_ids import make_w_ids_to_idx
 from fastavatar.io.atomic import atomic_save_image, atomic_write_json
 from fastavatar.io.checkpoints import save_decoder_checkpoint
 from fastavatar.runtime import seed_everything
-from fastavatar.train.common import DistEnv, RunDir, close_distributed, init_distributed
+from fastavatar.train.common import RunDir
+from fastavatar.train.distributed import DistEnv, close_distributed, init_distributed, make_sampler, set_epoch, wrap_ddp
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
@@ -205,16 +206,8 @@ class DecoderTask(TrainTask):
         self.schedulers = {k: torch.optim.lr_scheduler.ReduceLROnPlateau(o, mode="min", factor=0.8, patience=20)
                            for k, o in self.optimizers.items()}
 
-        self.ddp_model = self.model
-        self.sampler = None
-        if env.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-            from torch.utils.data.distributed import DistributedSampler
-
-            self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[env.local_rank] if device.type == "cuda" else None)
-            self.sampler = DistributedSampler(self.train_set, num_replicas=env.world_size, rank=env.rank,
-                                              shuffle=True, seed=cfg.seed)
+        self.ddp_model = wrap_ddp(self.model, env)  # the W table is inside: its rows are all-reduced too
+        self.sampler = make_sampler(self.train_set, env, shuffle=True, seed=cfg.seed)
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_size=cfg.batch_size, shuffle=self.sampler is None, sampler=self.sampler,
             num_workers=cfg.num_workers, collate_fn=collate_items, drop_last=False,
@@ -223,8 +216,7 @@ class DecoderTask(TrainTask):
         self.lpips_model = load_lpips(cfg.lpips_net, device, quiet=not env.is_main) if cfg.lpips_weight > 0 else None
 
     def batches(self, epoch: int):
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch - 1)
+        set_epoch(self.sampler, epoch - 1)
         self.ddp_model.train()
         return self.loader
 
@@ -276,7 +268,7 @@ class DecoderTask(TrainTask):
 
 def train_decoder(cfg: DecoderTrainConfig) -> Path:
     """Train; returns the run folder. Raises :class:`NonFiniteLossError` on NaN (checkpoints kept)."""
-    env = init_distributed(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_backend)
     seed_everything(cfg.seed + env.rank)
     run = open_run(cfg, env)
     if env.is_main:

@@ -35,8 +35,10 @@ import torch.nn.functional as F
 
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.io.atomic import atomic_write_json
-from fastavatar.runtime import resolve_device, seed_everything
-from fastavatar.train.common import DistEnv, RunDir
+from fastavatar.runtime import seed_everything
+from fastavatar.train.common import RunDir
+from fastavatar.train.distributed import (DistEnv, barrier, close_distributed, init_distributed, make_sampler,
+                                          set_epoch, wrap_ddp)
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
@@ -202,11 +204,15 @@ class EncoderTask(TrainTask):
     name = "encoder"
     lr_keys = {"encoder": ["encoder_lr"]}
 
-    def __init__(self, cfg: EncoderTrainConfig, data: EmbeddingSet, w_vectors: torch.Tensor, device: torch.device):
+    def __init__(self, cfg: EncoderTrainConfig, data: EmbeddingSet, w_vectors: torch.Tensor, env: DistEnv):
         from fastavatar.models.w_encoder import WEncoder
 
+        device = env.device
         self.cfg, self.data, self.w_vectors, self.device = cfg, data, w_vectors, device
         self.encoder = WEncoder().to(device).train()
+        self.ddp_encoder = wrap_ddp(self.encoder, env)
+        # under torchrun each rank takes its shard of the embeddings (reshuffled every epoch)
+        self.sampler = make_sampler(range(data.train_embeddings.shape[0]), env, shuffle=True, seed=cfg.seed)
         optimizer = torch.optim.Adam(self.encoder.parameters(), lr=cfg.encoder_lr)
         self.optimizers = {"encoder": optimizer}
         self.schedulers = {"encoder": torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -219,14 +225,19 @@ class EncoderTask(TrainTask):
     def batches(self, epoch: int):
         self.encoder.train()
         n = self.data.train_embeddings.shape[0]
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        if self.sampler is not None:
+            set_epoch(self.sampler, epoch)
+            order = torch.tensor(list(self.sampler), dtype=torch.long)
+            n = order.numel()
+        else:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
         for s in range(0, n, max(1, self.cfg.batch_size)):
             yield order[s : s + self.cfg.batch_size]
 
     def losses(self, idx):
         emb = self.data.train_embeddings[idx].to(self.device)
         rows = self.data.train_rows[idx].to(self.device)
-        return encoder_loss(self.encoder(emb), self.w_vectors[rows], rows, self.cfg), idx.numel()
+        return encoder_loss(self.ddp_encoder(emb), self.w_vectors[rows], rows, self.cfg), idx.numel()
 
     def clip_groups(self):
         return [list(self.encoder.parameters())]
@@ -274,24 +285,33 @@ def train_encoder(cfg: EncoderTrainConfig) -> Dict[str, object]:
     from fastavatar.io.checkpoints import load_decoder
 
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    env = init_distributed(cfg.device, cfg.dist_backend)
+    device = env.device
     # Fail fast (before creating the run folder) on missing inputs.
     _, w_vectors, w_ids_to_idx = load_decoder(cfg.decoder_load_path, "cpu")
     if w_vectors is None or not w_ids_to_idx:
         raise ValueError(f"{cfg.decoder_load_path}: decoder checkpoint has no w_vectors / w_ids_to_idx to regress onto")
     resolve_insightface_root(cfg.insightface_root)
     w_vectors = w_vectors.detach().to(device)  # targets only
-    run = open_run(cfg, DistEnv.single(device))
-    save_config(cfg, run.path)
+    run = open_run(cfg, env)
+    if env.is_main:
+        save_config(cfg, run.path)
     try:
-        data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress)
-        task = EncoderTask(cfg, data, w_vectors, device)
-        run_training(task, cfg, run, DistEnv.single(device))
+        # rank 0 fills the embedding cache first; the other ranks then read it
+        if not env.is_main:
+            barrier(env)
+        data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress and env.is_main)
+        if env.is_main:
+            barrier(env)
+        task = EncoderTask(cfg, data, w_vectors, env)
+        run_training(task, cfg, run, env)
         metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
                    "num_train": int(data.train_embeddings.shape[0]), "num_val": int(data.val_embeddings.shape[0]),
                    "subjects": data.subjects, "excluded_subjects": data.excluded_subjects,
                    "failed_images": [p for p, _ in data.failed_images]}
-        atomic_write_json(run.path / "metrics.json", metrics)
+        if env.is_main:
+            atomic_write_json(run.path / "metrics.json", metrics)
+        close_distributed(env)
         return metrics
     finally:
         run.close()

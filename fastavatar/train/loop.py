@@ -25,8 +25,10 @@ and restore its checkpoint); :func:`run_training` owns everything else, the same
 - ``history.json`` holds one record per epoch across resumes (written each epoch, before the
   checkpoint); TensorBoard continues in ``tb/`` (events after the resumed step are purged);
 - Ctrl-C stops with one line saying which checkpoint to resume from;
-- distributed runs (``torchrun``): only rank 0 logs, validates and writes; the epoch's mean
-  loss is averaged over ranks.
+- distributed runs (``torchrun``, :mod:`fastavatar.train.distributed`): only rank 0 logs,
+  validates and writes; the epoch's loss is the mean over every rank's items, reduced on the
+  rank's device; rank 0's validation metrics and scheduler metric are broadcast so every rank's
+  learning rates stay equal; checkpoints are written between barriers.
 """
 
 from __future__ import annotations
@@ -34,14 +36,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Literal, Mapping, Optional, Sequence
 
 import torch
 
 from fastavatar.config import option
 from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import progress
-from fastavatar.train.common import DistEnv, RunDir
+from fastavatar.train.common import RunDir
+from fastavatar.train.distributed import DistEnv, broadcast_from_main, main_writes, weighted_mean
 from fastavatar.train.safety import (RunFolderError, StepGuard, continue_history, override_learning_rates,
                                      pick_resume_checkpoint, prepare_run_folder, remove_stale_temps, write_guard)
 
@@ -64,7 +67,9 @@ class TrainLoopConfig:
     max_loss: float = option(1e6, "explosion threshold: stop when a step's loss exceeds this (0: off)")
     max_param_abs: float = option(1e4, "explosion threshold: stop when any weight's |value| exceeds this (0: off)")
     progress: bool = option(True, "show progress bars")
-    device: str = option("auto", "torch device: auto, cpu, cuda or cuda:N")
+    device: str = option("auto", "torch device: auto, cpu, cuda or cuda:N (under torchrun each rank uses cuda:LOCAL_RANK)")
+    dist_backend: Literal["auto", "nccl", "gloo"] = option(
+        "auto", "torchrun process-group backend: auto (NCCL on CUDA, gloo on CPU), nccl or gloo")
     seed: int = option(42, "random seed")
 
     def check(self) -> None:
@@ -142,16 +147,6 @@ class TrainTask:
     def epoch_summary(self, record: Mapping[str, Any]) -> str:
         """The tail of the printed epoch line, after ``epoch N:``."""
         return f"train loss {record['train_loss']:.5f}"
-
-
-def _mean_over_ranks(value: float, env: DistEnv) -> float:
-    if not env.distributed:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=env.device)
-    dist.all_reduce(t)
-    return float(t) / env.world_size
 
 
 def _resume(task: TrainTask, cfg: TrainLoopConfig, run: RunDir, env: DistEnv):
@@ -234,14 +229,15 @@ def run_training(task: TrainTask, cfg: TrainLoopConfig, run: RunDir, env: DistEn
                 if cfg.max_steps and global_step >= cfg.max_steps:
                     stop = True
                     break
-            train_loss = _mean_over_ranks(total / max(count, 1), env)
+            train_loss = weighted_mean(total, count, env)
             last = stop or epoch == cfg.max_epochs
             val: Dict[str, float] = {}
             if env.is_main and (epoch % max(cfg.eval_every, 1) == 0 or last):
                 val = task.validate(epoch)
                 for k, v in val.items():
                     run.scalar(f"val/{k}", v, epoch)
-            metric = task.scheduler_metric(train_loss, val)
+            val = broadcast_from_main(val, env)
+            metric = broadcast_from_main(task.scheduler_metric(train_loss, val), env)
             for s in task.schedulers.values():
                 s.step(metric)
             record: Dict[str, Any] = {"epoch": epoch, "step": global_step, "train_loss": train_loss,
@@ -254,20 +250,21 @@ def run_training(task: TrainTask, cfg: TrainLoopConfig, run: RunDir, env: DistEn
                 best = score
             record["best_score"] = best
             history.append(record)
-            if env.is_main:
-                run.scalar("epoch/train_loss", train_loss, epoch)
-                for name, o in task.optimizers.items():
-                    run.scalar(f"epoch/lr/{name}", o.param_groups[0]["lr"], epoch)
-                print(f"[{task.name}] epoch {epoch}: {task.epoch_summary(record)} ({record['seconds']:.1f} s)")
-                # history first: a kill between the two leaves a record that the resume drops
-                with write_guard(run.path, "write history.json"):
-                    atomic_write_json(run.path / "history.json", history)
-                names = ["latest.pth"] + ([f"epoch_{epoch:04d}.pth"] if epoch % max(cfg.save_every, 1) == 0 or last
-                                          else []) + (["best.pth"] if is_best else [])
-                for name in names:
-                    with write_guard(run.checkpoints, f"save {name}"):
-                        task.save_checkpoint(run.checkpoints / name, epoch, global_step, record)
-                last_saved = epoch
+            with main_writes(env) as write:
+                if write:
+                    run.scalar("epoch/train_loss", train_loss, epoch)
+                    for name, o in task.optimizers.items():
+                        run.scalar(f"epoch/lr/{name}", o.param_groups[0]["lr"], epoch)
+                    print(f"[{task.name}] epoch {epoch}: {task.epoch_summary(record)} ({record['seconds']:.1f} s)")
+                    # history first: a kill between the two leaves a record that the resume drops
+                    with write_guard(run.path, "write history.json"):
+                        atomic_write_json(run.path / "history.json", history)
+                    names = ["latest.pth"] + ([f"epoch_{epoch:04d}.pth"] if epoch % max(cfg.save_every, 1) == 0 or last
+                                              else []) + (["best.pth"] if is_best else [])
+                    for name in names:
+                        with write_guard(run.checkpoints, f"save {name}"):
+                            task.save_checkpoint(run.checkpoints / name, epoch, global_step, record)
+                    last_saved = epoch
             if stop:
                 break
     except KeyboardInterrupt:

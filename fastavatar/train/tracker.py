@@ -39,8 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data.subject_ids import normalize_subject_id
 from fastavatar.io.atomic import atomic_write_json, atomic_write_text
-from fastavatar.runtime import progress, resolve_device, seed_everything
-from fastavatar.train.common import DistEnv, RunDir
+from fastavatar.runtime import progress, seed_everything
+from fastavatar.train.common import RunDir
+from fastavatar.train.distributed import DistEnv, close_distributed, init_distributed, make_sampler, set_epoch, wrap_ddp
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
@@ -189,15 +190,19 @@ class TrackerTask(TrainTask):
     name = "tracker"
     lr_keys = {"tracker": ["lr", "backbone_lr"]}  # param group 0: heads, 1: backbone (when trained)
 
-    def __init__(self, cfg: TrackerTrainConfig, tracker, train_p, val_p, device: torch.device, run_path: Path) -> None:
-        self.cfg, self.tracker, self.device, self.run_path = cfg, tracker, device, run_path
+    def __init__(self, cfg: TrackerTrainConfig, tracker, train_p, val_p, env: DistEnv, run_path: Path) -> None:
+        device = env.device
+        self.cfg, self.tracker, self.device, self.run_path, self.is_main = cfg, tracker, device, run_path, env.is_main
+        self.ddp_tracker = wrap_ddp(tracker, env)
         self.train_subjects = [p.subject_id for p in train_p]
         self.val_subjects = [p.subject_id for p in val_p]
         train_ds = TrackerViews(train_p, cfg.preprocess, cfg.cache_images)
         val_ds = TrackerViews(val_p, cfg.preprocess, cfg.cache_images) if val_p else None
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, generator=self.gen,
-                                       num_workers=cfg.num_workers, drop_last=False)
+        self.sampler = make_sampler(train_ds, env, shuffle=True, seed=cfg.seed)  # torchrun: one shard per rank
+        self.train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=self.sampler is None,
+                                       sampler=self.sampler, generator=self.gen, num_workers=cfg.num_workers,
+                                       drop_last=False)
         self.val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False,
                                      num_workers=cfg.num_workers) if val_ds is not None else None
         head_params = [p for n, p in tracker.named_parameters() if not n.startswith("encoder.dino.")]
@@ -214,9 +219,11 @@ class TrackerTask(TrainTask):
         self.epoch, self.global_step = 0, 0
 
     def start(self, start_epoch: int) -> None:
-        _write_sidecars(self.run_path, self.tracker, self.cfg)  # after a resume: the restored mean shape
+        if self.is_main:
+            _write_sidecars(self.run_path, self.tracker, self.cfg)  # after a resume: the restored mean shape
 
     def batches(self, epoch: int):
+        set_epoch(self.sampler, epoch)
         self.tracker.train()
         for batch in self.train_loader:
             yield {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -224,7 +231,7 @@ class TrackerTask(TrainTask):
     def losses(self, batch):
         from fastavatar.losses import tracker_loss
 
-        pred = self.tracker(batch["image"])
+        pred = self.ddp_tracker(batch["image"])
         points_loss = "l1" if self.cfg.points_loss == "l1" else "mse"
         return tracker_loss(pred, batch, points_loss=points_loss, weights=self.weights), batch["image"].shape[0]
 
@@ -276,17 +283,20 @@ def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
     if cfg.points_loss not in ("l1", "l2"):
         raise ValueError(f"--points_loss must be l1 or l2, got {cfg.points_loss!r}")
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
     tracker = build_tracker(cfg)  # fails fast on missing backbone weights, before any output
-    run = open_run(cfg, DistEnv.single(device))
-    save_config(cfg, run.path)
+    env = init_distributed(cfg.device, cfg.dist_backend)
+    device = env.device
+    run = open_run(cfg, env)
+    if env.is_main:
+        save_config(cfg, run.path)
     try:
         skipped: list = []
-        dirs = discover_subjects(cfg.data_root, verbose=True, skipped=skipped)[: max(0, cfg.max_subjects)]
-        parsers = parse_subjects(dirs, cfg.on_bad_subject, skipped=skipped, image_scale=cfg.image_scale,
-                                 allow_resize=cfg.allow_resize)
-        atomic_write_json(run.path / "data_summary.json",
-                          {"subjects": [p.subject_id for p in parsers], "skipped": skipped})
+        dirs = discover_subjects(cfg.data_root, verbose=env.is_main, skipped=skipped)[: max(0, cfg.max_subjects)]
+        parsers = parse_subjects(dirs, cfg.on_bad_subject, verbose=env.is_main, skipped=skipped,
+                                 image_scale=cfg.image_scale, allow_resize=cfg.allow_resize)
+        if env.is_main:
+            atomic_write_json(run.path / "data_summary.json",
+                              {"subjects": [p.subject_id for p in parsers], "skipped": skipped})
         ids = [normalize_subject_id(p.subject_id) for p in parsers]
         wanted = [normalize_subject_id(s) for s in cfg.val_subjects]
         unknown = [s for s in wanted if s not in ids]
@@ -302,16 +312,19 @@ def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
         if n_points != {(tracker.config.max_points, 3)}:
             raise ValueError(f"{cfg.data_root}: subjects have points {sorted(n_points)}, the tracker predicts "
                              f"{tracker.config.max_points} points")
-        print(f"[tracker] train subjects {[p.subject_id for p in train_p]}, val subjects {[p.subject_id for p in val_p]}")
+        if env.is_main:
+            print(f"[tracker] train subjects {[p.subject_id for p in train_p]}, val subjects {[p.subject_id for p in val_p]}")
 
         tracker.set_mean_shape(torch.stack([p.points for p in train_p]).mean(dim=0))
-        task = TrackerTask(cfg, tracker.to(device).train(), train_p, val_p, device, run.path)
-        run_training(task, cfg, run, DistEnv.single(device))
+        task = TrackerTask(cfg, tracker.to(device).train(), train_p, val_p, env, run.path)
+        run_training(task, cfg, run, env)
         metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
                    "train_subjects": task.train_subjects, "val_subjects": task.val_subjects}
         if not math.isfinite(metrics["val"].get("loss_total", 0.0)):
             raise RuntimeError("validation loss is not finite")
-        atomic_write_json(run.path / "metrics.json", metrics)
+        if env.is_main:
+            atomic_write_json(run.path / "metrics.json", metrics)
+        close_distributed(env)
         return metrics
     finally:
         run.close()
