@@ -199,7 +199,7 @@ def bench_scale(args, scale, dev, backends, sync) -> dict:
         if "memory" in b and "peak_render_mb" in b["memory"] and "peak_render_mb" in t.get("memory", {}):
             b["peak_render_memory_ratio_vs_torch"] = b["memory"]["peak_render_mb"] / max(t["memory"]["peak_render_mb"], 1e-3)
         (o_b, g_b), (o_t, g_t) = outs[backend], outs[base]
-        b["max_abs_diff_rgb_vs_torch"] = float((o_b.rgb - o_t.rgb).abs().max())
+        b["max_abs_diff_rgb_vs_torch"] = float((o_b.rgb - o_t.rgb).abs().max().detach())
         b["max_rel_diff_grads_vs_torch"] = {
             name: float((gb - gt).abs().max() / gt.abs().max().clamp_min(1e-30))
             for name, gb, gt in zip(("means", "scales", "opacities", "sh"), [g_b[0], g_b[2], g_b[3], g_b[4]],
@@ -213,7 +213,7 @@ def bench_scale(args, scale, dev, backends, sync) -> dict:
             row["dense_reference_forward_s"] = time.perf_counter() - t0
         for backend in backends:
             o, _ = outs[backend]
-            diff = {k: (getattr(o, k) - getattr(dense, k)).abs() for k in ("rgb", "alpha", "depth")}
+            diff = {k: (getattr(o, k) - getattr(dense, k)).abs().detach() for k in ("rgb", "alpha", "depth")}
             diff["depth"] = diff["depth"] * (dense.alpha > 1e-3)  # depth is normalised by alpha
             row["backends"][backend]["max_abs_diff_vs_dense"] = {k: float(v.max()) for k, v in diff.items()}
             row["backends"][backend]["speedup_forward_vs_dense"] = (
