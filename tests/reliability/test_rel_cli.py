@@ -342,3 +342,12 @@ def test_unparseable_subject_stops_the_run_by_flag(tmp_path, template):
     root = _data_root(tmp_path, break_369, subjects=("306", "369"))
     res = _train_on(root, tmp_path, template, "--on_bad_subject", "stop")
     assert_clean_failure(res, root / "369")
+
+
+@pytest.mark.parametrize("flags,named", [(["--render_max_side", "0"], "--render_max_side"),
+                                         (["--det_size", "-8"], "--det_size"),
+                                         (["--device", "foo"], "--device")])
+def test_bad_feedforward_flags(tmp_path, flags, named):
+    res = run_cli("inference_feedforward_no_guidance.py",
+                  ["--image", DATA / "306" / "images" / "00000_08.png", "--output_dir", tmp_path / "out", *flags])
+    assert_clean_failure(res, named)

@@ -31,3 +31,13 @@ class FeedForwardConfig:
     threads: int = option(0, "torch CPU threads (0 = torch default; 1 is faster on a busy CPU)")
     overlap_face_and_tracker: bool = option(True, "run face detection/embedding in a thread while the tracker runs")
     det_size: int = option(640, "face detector input size in pixels (square; the original used 640)")
+
+    def check(self) -> None:
+        """One-line ValueError naming the flag of the first out-of-range value (run by the parser)."""
+        import math
+
+        for name, low in (("render_max_side", 16), ("det_size", 32), ("num_novel_views", 0), ("threads", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name} must be >= {low}, got {getattr(self, name)}")
+        if not math.isfinite(self.novel_view_max_azimuth) or not 0 <= self.novel_view_max_azimuth <= 180:
+            raise ValueError(f"--novel_view_max_azimuth must be in [0, 180], got {self.novel_view_max_azimuth}")
