@@ -33,10 +33,12 @@ import yaml
 T = TypeVar("T")
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False, **kwargs) -> Any:  # noqa: A002
+def option(default: Any = dataclasses.MISSING, help: str = "", positional: bool = False,  # noqa: A002
+           aliases: Sequence[str] = (), **kwargs) -> Any:
     """A dataclass field with a help string (mutable defaults are copied per instance; a
-    dataclass default is copied too). No default: a required option."""
-    metadata = {"help": help, "positional": positional}
+    dataclass default is copied too). No default: a required option. ``aliases``: other flag
+    names for the same field (e.g. the released code's ``--save_path`` for ``--output_dir``)."""
+    metadata = {"help": help, "positional": positional, "aliases": tuple(aliases)}
     if dataclasses.is_dataclass(default) and not isinstance(default, type):
         value = default
         return dataclasses.field(default_factory=lambda: dataclasses.replace(value), metadata=metadata, **kwargs)
@@ -135,23 +137,23 @@ def build_parser(config_cls: Type[T], description: str = "") -> argparse.Argumen
         kwargs["default"] = argparse.SUPPRESS
         if required:
             kwargs["required"] = True
-        flag = f"--{name}"
+        flags = [f"--{name}"] + [f"--{alias}" for alias in f.metadata.get("aliases", ())]
         if "." in path and typing.get_origin(tp) is not typing.Literal:
             kwargs["metavar"] = name.upper()
         if tp is bool:
             kwargs.pop("metavar", None)
-            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, **kwargs)
+            parser.add_argument(*flags, dest=path, action=argparse.BooleanOptionalAction, **kwargs)
             continue
         origin = typing.get_origin(tp)
         if origin in (list, List, tuple, Sequence):
             (item_tp,) = typing.get_args(tp)[:1] or (str,)
             if typing.get_origin(item_tp) is typing.Literal:
                 kwargs["choices"] = list(typing.get_args(item_tp))
-            parser.add_argument(flag, dest=path, nargs="*", type=_scalar_parser(item_tp), **kwargs)
+            parser.add_argument(*flags, dest=path, nargs="*", type=_scalar_parser(item_tp), **kwargs)
             continue
         if origin is typing.Literal:
             kwargs["choices"] = list(typing.get_args(tp))
-        parser.add_argument(flag, dest=path, type=_scalar_parser(tp), **kwargs)
+        parser.add_argument(*flags, dest=path, type=_scalar_parser(tp), **kwargs)
     return parser
 
 

@@ -56,7 +56,7 @@ class GuidedConfig:
     points_from: Literal["colmap", "flame"] = option(
         "colmap", "geometry: 'colmap' (sparse/0 points3D) or 'flame' (needs --flame_model)")
     flame_model: str = option("", "FLAME model file for points_from=flame (licence-gated, never bundled)")
-    output_dir: str = option("results/guided", "output folder")
+    output_dir: str = option("results/guided", "output folder", aliases=("save_path",))
     device: str = option("auto", "auto, cpu or cuda")
     seed: int = option(42, "random seed")
     save_images: bool = option(True, "save renders of all views (initial and final) beside ground truth")

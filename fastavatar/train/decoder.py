@@ -28,6 +28,7 @@ from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data import MultiViewDataset, SubjectParser, discover_subjects
 from fastavatar.data.colmap import parse_subjects
 from fastavatar.losses import delta_regularisers, load_lpips, photometric_loss
+from fastavatar.render.released_flags import check_render_flags, gsplat_only_kwargs
 from fastavatar.eval.metrics import image_metrics, mean_metrics
 from fastavatar.data.subject_ids import make_w_ids_to_idx
 from fastavatar.io.atomic import atomic_save_image, atomic_write_json
@@ -43,7 +44,8 @@ class DecoderTrainConfig(TrainLoopConfig):
     """Decoder training (the shared loop's knobs: :class:`fastavatar.train.loop.TrainLoopConfig`)."""
 
     # loop defaults for this trainer
-    output_dir: str = option("runs/decoder", "run folder: config.yaml, checkpoints/, tb/, images/, stats/")
+    output_dir: str = option("runs/decoder", "run folder: config.yaml, checkpoints/, tb/, images/, stats/",
+                             aliases=("save_path",))
     max_epochs: int = option(400, "epochs over all (subject, view) items")
     eval_every: int = option(5, "epochs between validation passes (the last epoch is always validated)")
     # data
@@ -78,10 +80,14 @@ class DecoderTrainConfig(TrainLoopConfig):
     lpips_net: Literal["alex", "vgg"] = option("alex", "LPIPS trunk: alex or vgg")
     # rendering
     sh_degree: int = option(3, "SH degree rendered")
-    near: float = option(0.01, "near plane (m)")
-    far: float = option(1e10, "far plane (m)")
+    near: float = option(0.01, "near plane (m)", aliases=("near_plane",))
+    far: float = option(1e10, "far plane (m)", aliases=("far_plane",))
     render_backend: Literal["auto", "numba", "torch", "gsplat"] = option(
         "auto", "renderer: auto (gsplat on CUDA, numba on CPU, torch without numba), numba, torch or gsplat")
+    camera_model: str = option("pinhole", "camera model (the released flag): only pinhole is supported")
+    antialiased: bool = option(False, "gsplat's rasterize_mode='antialiased' (opacity compensation, all backends)")
+    packed: bool = option(False, "gsplat packed mode (gsplat only; the CPU backends say they do not use it)")
+    sparse_grad: bool = option(False, "gsplat sparse gradients, needs --packed (gsplat only)")
     # bookkeeping
     save_images: bool = option(True, "save render|target images at validation")
     save_ply_files: bool = option(False, "write each training subject's splats.ply at the end")
@@ -91,6 +97,7 @@ class DecoderTrainConfig(TrainLoopConfig):
         import math
 
         super().check()
+        check_render_flags(self)
         if not (isinstance(self.image_scale, (int, float)) and 0 < self.image_scale <= 1):
             raise ValueError(f"--image_scale must be in (0, 1], got {self.image_scale}")
         for name in ("batch_size", "views_per_subject", "max_subjects", "hidden_dim", "body_layers"):
@@ -154,7 +161,8 @@ def _render_items(model_out: dict, rows_of_items: List[int], items: List[dict], 
         one = {k: (v[u : u + 1] if torch.is_tensor(v) else v) for k, v in model_out.items() if k != "raw_deltas"}
         splats = splats_from_output(one, item["points"].to(device))[0]
         out = render_splats(splats, item["c2w"].to(device), item["K"].to(device), width, height,
-                            sh_degree=cfg.sh_degree, near_plane=cfg.near, far_plane=cfg.far, backend=cfg.render_backend)
+                            sh_degree=cfg.sh_degree, near_plane=cfg.near, far_plane=cfg.far, backend=cfg.render_backend,
+                            antialiased=cfg.antialiased, **gsplat_only_kwargs(cfg, device))
         preds.append(out.rgb)
         targets.append(item["image"].to(device)[None])
     return torch.cat(preds), torch.cat(targets)

@@ -47,7 +47,8 @@ class EncoderTrainConfig(TrainLoopConfig):
     """W-encoder training (the shared loop's knobs: :class:`fastavatar.train.loop.TrainLoopConfig`)."""
 
     # loop defaults for this trainer
-    output_dir: str = option("runs/encoder", "run folder: config.yaml, checkpoints/, tb/, metrics.json")
+    output_dir: str = option("runs/encoder", "run folder: config.yaml, checkpoints/, tb/, metrics.json",
+                             aliases=("save_path",))
     max_epochs: int = option(400, "epochs")
     save_every: int = option(50, "epochs between numbered checkpoints (latest.pth is written every epoch)")
     # data
@@ -60,7 +61,8 @@ class EncoderTrainConfig(TrainLoopConfig):
     embedding_cache_dir: Optional[str] = option(None, "embedding cache (default ~/.cache/fastavatar/embeddings; never the data folder)")
     # optimisation
     encoder_lr: float = option(1e-4, "Adam learning rate")
-    batch_size: int = option(64, "embeddings per step")
+    batch_size: int = option(64, "embeddings per step (per process under torchrun)")
+    num_workers: int = option(0, "the released flag: the embeddings sit in memory, so no loader workers run (said when > 0)")
     mse_weight: float = option(0.1, "weight of MSE(pred, w)")
     cosine_weight: float = option(1.0, "weight of 1 - cos(pred, w)")
     contrastive_weight: float = option(0.0, "weight of the InfoNCE term (positives = same subject)")
@@ -287,6 +289,8 @@ def train_encoder(cfg: EncoderTrainConfig) -> Dict[str, object]:
     seed_everything(cfg.seed)
     env = init_distributed(cfg.device, cfg.dist_backend)
     device = env.device
+    if cfg.num_workers > 0 and env.is_main:
+        print(f"[encoder] --num_workers {cfg.num_workers}: not used (the cached embeddings are batched in memory)")
     # Fail fast (before creating the run folder) on missing inputs.
     _, w_vectors, w_ids_to_idx = load_decoder(cfg.decoder_load_path, "cpu")
     if w_vectors is None or not w_ids_to_idx:

@@ -17,7 +17,8 @@ and restore its checkpoint); :func:`run_training` owns everything else, the same
   ``epoch/lr/<optimizer>`` per epoch, ``val/<metric>`` after each validation;
 - validation every ``eval_every`` epochs and after the last; the ReduceLROnPlateau schedulers
   step on the task's metric; ``checkpoints/latest.pth`` every epoch, ``epoch_XXXX.pth`` every
-  ``save_every`` epochs and after the last, ``best.pth`` when the task scores validations;
+  ``save_every`` epochs, at the ``model_save_steps`` epochs and after the last, ``best.pth`` when
+  the task scores validations;
 - resume reads ``latest.pth`` through the checkpoint loader (never a raw ``torch.load``); a
   damaged one, or one of another kind or configuration, is one line, then either the run stops or
   (``--resume_fallback``) the newest good ``epoch_*.pth`` is used; learning rates changed since the
@@ -60,6 +61,7 @@ class TrainLoopConfig:
     log_every: int = option(10, "steps between TensorBoard step scalars")
     eval_every: int = option(1, "epochs between validation passes (the last epoch is always validated)")
     save_every: int = option(10, "epochs between numbered checkpoints (latest.pth is written every epoch)")
+    model_save_steps: List[int] = option([], "further epochs that get a numbered checkpoint (the released flag)")
     resume: bool = option(False, "continue from output_dir/checkpoints/latest.pth")
     resume_fallback: bool = option(False, "with --resume: when latest.pth is damaged or does not fit, resume from "
                                           "the newest good epoch_*.pth instead of stopping")
@@ -259,8 +261,9 @@ def run_training(task: TrainTask, cfg: TrainLoopConfig, run: RunDir, env: DistEn
                     # history first: a kill between the two leaves a record that the resume drops
                     with write_guard(run.path, "write history.json"):
                         atomic_write_json(run.path / "history.json", history)
-                    names = ["latest.pth"] + ([f"epoch_{epoch:04d}.pth"] if epoch % max(cfg.save_every, 1) == 0 or last
-                                              else []) + (["best.pth"] if is_best else [])
+                    numbered = epoch % max(cfg.save_every, 1) == 0 or last or epoch in cfg.model_save_steps
+                    names = ["latest.pth"] + ([f"epoch_{epoch:04d}.pth"] if numbered else []) + (
+                        ["best.pth"] if is_best else [])
                     for name in names:
                         with write_guard(run.checkpoints, f"save {name}"):
                             task.save_checkpoint(run.checkpoints / name, epoch, global_step, record)

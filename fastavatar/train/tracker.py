@@ -50,7 +50,8 @@ class TrackerTrainConfig(TrainLoopConfig):
     """Tracker training (the shared loop's knobs: :class:`fastavatar.train.loop.TrainLoopConfig`)."""
 
     # loop defaults for this trainer
-    output_dir: str = option("runs/tracker", "run folder: config.yaml, checkpoints/, tb/, metadata.json, args.json")
+    output_dir: str = option("runs/tracker", "run folder: config.yaml, checkpoints/, tb/, metadata.json, args.json",
+                             aliases=("save_path",))
     # data
     data_root: str = option("data/nersemble", "folder of subject folders (<id>/ with sparse/ and images/)")
     max_subjects: int = option(417, "use at most this many subjects (sorted by id)")
