@@ -18,7 +18,7 @@ from fastavatar.config import option, parse_config
 
 @dataclass
 class CalibratedTargetsConfig:
-    table: str = option("results/protocol_loo/table.json", "candidate protocol table.json")
+    table: str = option("results/protocol_loo_pg/table.json", "candidate protocol table.json")
     baseline_table: str = option("results/protocol_loo_today/table.json",
                                  "baseline protocol table.json (today's fit; its 'full' column is compared)")
     min_psnr: float = option(20.0, "target: unseen-view PSNR (dB) on every held-out subject")
