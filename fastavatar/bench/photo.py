@@ -7,7 +7,9 @@ on the given decoder's template, since speed does not depend on the values).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import platform
 import time
 from dataclasses import replace
@@ -48,8 +50,9 @@ def benchmark_photo(cfg, repeats: int = 1) -> Dict[str, object]:
     for name, dec in (("given_decoder", decoder), ("official_size_decoder", official_size_like(decoder).to(device))):
         runs = []
         for _ in range(repeats):
-            rec = reconstruct_photo(replace(cfg, turntable_frames=0, ring_views=0), Path(cfg.image), dec, w_vectors,
-                                    stage, landmarks, lpips_model, device, None, show_progress=False)
+            with contextlib.redirect_stdout(sys.stderr):  # the run's progress lines; stdout stays JSON
+                rec = reconstruct_photo(replace(cfg, turntable_frames=0, ring_views=0), Path(cfg.image), dec, w_vectors,
+                                        stage, landmarks, lpips_model, device, None, show_progress=False)
             runs.append(rec.summary["timings_s"])
         best = min(runs, key=lambda t: t["photo_to_splats"])
         results[name] = {"decoder_hidden": dec.config.hidden_dim, "decoder_body_layers": dec.config.body_layers,
