@@ -114,6 +114,8 @@ def rasterize(
     far_plane: float = 1e10,
     backend: str = "auto",
     antialiased: bool = False,
+    packed: bool = False,  # gsplat only: packed (sparse) intermediate layout; the CPU backends have none
+    sparse_grad: bool = False,  # gsplat only (needs packed): sparse gradients of the Gaussian tensors
     torch_config: Optional[TorchRasterConfig] = None,
     numba_config: Optional[NumbaRasterConfig] = None,
 ) -> RenderOutput:
@@ -144,7 +146,7 @@ def rasterize(
     elif kind == "gsplat":
         from fastavatar.render.gsplat_backend import rasterize_gsplat
 
-        rgb, alpha, depth = rasterize_gsplat(*args, **kwargs)
+        rgb, alpha, depth = rasterize_gsplat(*args, **kwargs, packed=packed, sparse_grad=sparse_grad)
     else:
         from fastavatar.render.reference import rasterize_reference
 
@@ -165,6 +167,8 @@ def render_splats(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     antialiased: bool = False,
+    packed: bool = False,
+    sparse_grad: bool = False,
     torch_config: Optional[TorchRasterConfig] = None,
     numba_config: Optional[NumbaRasterConfig] = None,
 ) -> RenderOutput:
@@ -199,6 +203,8 @@ def render_splats(
         far_plane=far_plane,
         backend=backend,
         antialiased=antialiased,
+        packed=packed,
+        sparse_grad=sparse_grad,
         torch_config=torch_config,
         numba_config=numba_config,
     )

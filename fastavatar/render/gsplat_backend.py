@@ -71,6 +71,8 @@ def rasterize_gsplat(
     near_plane: float = 0.01,
     far_plane: float = 1e10,
     antialiased: bool = False,
+    packed: bool = False,  # True: gsplat's packed layout (False leaves gsplat's own default)
+    sparse_grad: bool = False,  # True: sparse gradients (needs packed)
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """gsplat RGB+ED render, rasterize_mode "classic" or (``antialiased``) "antialiased". Returns rgb [C,H,W,3], alpha [C,H,W,1], depth [C,H,W,1].
 
@@ -97,6 +99,7 @@ def rasterize_gsplat(
         backgrounds=backgrounds,
         render_mode="RGB+ED",
         rasterize_mode="antialiased" if antialiased else "classic",
+        **{k: True for k, v in (("packed", packed), ("sparse_grad", sparse_grad)) if v},
         eps2d=0.3,
     )
     return colors[..., :3], alphas, colors[..., 3:4]
