@@ -105,7 +105,7 @@ step gpu_tests "$((STEP_TIMEOUT * 2))" "$PY" -m pytest -q -m "not slow" -k "gpu 
     -p no:cacheprovider --junitxml="$WORK/gpu_tests.xml"
 
 # --- 3. benchmarks on CUDA (each prints one JSON object) ------------------------------------
-step bench_render "$STEP_TIMEOUT" bash -c "'$PY' scripts/benchmark_render.py --device cuda --repeats 10 --scale 1.0 \
+step bench_render "$STEP_TIMEOUT" bash -c "'$PY' scripts/benchmark_render.py --device cuda --repeats 10 --scales 0.5 1.0 \
     --skip_dense > '$WORK/bench_render.json'"
 step bench_refine "$STEP_TIMEOUT" bash -c "'$PY' scripts/benchmark_refine.py --device cuda --scales 0.25 1.0 --iters 10 \
     --full > '$WORK/bench_refine.json'"
