@@ -90,10 +90,10 @@ def bin_tiles(means2d, covars2d, opacities, width, height, tile):
 
 @nb.njit(cache=True)
 def _gather(means2d, conics, opacities, feats, ids, start, end):
-    """Copy one tile's Gaussians into contiguous float64 blocks (cache friendly): par [n, 7] = mean x,
-    mean y, conic a, b, c, opacity, sigma cut-off; ft [n, 4] = features."""
+    """Copy one tile's Gaussians into contiguous float64 blocks (cache friendly): par [n, 10] = mean x,
+    mean y, conic a, b, c, opacity, sigma cut-off, 1/a, b/a, c - b^2/a; ft [n, 4] = features."""
     n = end - start
-    par = np.empty((n, 7), np.float64)
+    par = np.empty((n, 10), np.float64)
     ft = np.empty((n, 4), np.float64)
     for k in range(n):
         g = ids[start + k]
@@ -105,6 +105,10 @@ def _gather(means2d, conics, opacities, feats, ids, start, end):
         par[k, 5] = opacities[g]
         # sigma above this cannot give alpha >= 1/255 (widened so that rounding never flips the exact test)
         par[k, 6] = math.log(255.0 * opacities[g]) * 1.0001 + 1e-6
+        # per-row ellipse solution terms (see _cols): 1/a, b/a, c - b^2/a (= 1 / cov_yy)
+        par[k, 7] = 1.0 / conics[g, 0]
+        par[k, 8] = conics[g, 1] / conics[g, 0]
+        par[k, 9] = conics[g, 2] - conics[g, 1] * par[k, 8]
         for c in range(4):
             ft[k, c] = feats[g, c]
     return par, ft
@@ -121,10 +125,7 @@ def _exp(x, fast):
 @nb.njit(cache=True, inline="always")
 def _rows(par, k, y0, y1):
     """First and last image row of tile rows [y0, y1) that Gaussian k's cut-off ellipse can reach."""
-    a = par[k, 2]
-    b = par[k, 3]
-    c = par[k, 4]
-    cov_yy = a / max(a * c - b * b, 1e-30)  # (conic^-1)_yy
+    cov_yy = 1.0 / max(par[k, 9], 1e-30)  # (conic^-1)_yy = 1 / (c - b^2 / a)
     hy = math.sqrt(max(2.0 * par[k, 6] * cov_yy, 0.0)) * _BOX_WIDEN + _BOX_MARGIN
     lo = max(math.ceil(par[k, 1] - hy - 0.5), y0)
     hi = min(math.floor(par[k, 1] + hy - 0.5), y1 - 1)
@@ -134,16 +135,13 @@ def _rows(par, k, y0, y1):
 @nb.njit(cache=True, inline="always")
 def _cols(par, k, dy, x0, x1):
     """Pixel columns of tile columns [x0, x1) inside Gaussian k's cut-off ellipse on a row at offset
-    dy = mean y - pixel centre y. Along the row ``sigma = a/2 (x - xc)^2 + dy^2 / (2 cov_yy)`` with
+    dy = mean y - pixel centre y. Along the row ``sigma = a/2 (x - xc)^2 + dy^2 (c - b^2/a) / 2`` with
     ``xc = mean x + b dy / a``; widened like the bounding box (the per-pixel test decides)."""
-    a = par[k, 2]
-    b = par[k, 3]
-    c = par[k, 4]
-    r = (2.0 * par[k, 6] - dy * dy * (c - b * b / a)) / a
+    r = (2.0 * par[k, 6] - dy * dy * par[k, 9]) * par[k, 7]
     if r < 0.0:
         return 1, 0
     hw = math.sqrt(r) * _BOX_WIDEN + _BOX_MARGIN
-    xc = par[k, 0] + b * dy / a
+    xc = par[k, 0] + par[k, 8] * dy
     lo = max(math.ceil(xc - hw - 0.5), x0)
     hi = min(math.floor(xc + hw - 0.5), x1 - 1)
     return lo, hi
