@@ -121,7 +121,7 @@ def _field_of(config_cls: Type, path: str):
 
 def build_parser(config_cls: Type[T], description: str = "") -> argparse.ArgumentParser:
     """argparse parser with one flag per leaf field of ``config_cls`` (``dest`` = dotted path)."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of defaults (CLI flags win)")
     for name, path in flag_paths(config_cls).items():

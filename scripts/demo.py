@@ -2,17 +2,14 @@
 """End-to-end demo on the bundled data (CPU, a few minutes): template -> decoder training ->
 single-view reconstruction of a held-out subject -> renders, turntable and metrics.
 
-    python scripts/demo.py                      # defaults from fastavatar/demo.py
-    python scripts/demo.py --config configs/demo.yaml --output_dir outputs/demo
+    python scripts/demo.py                      # defaults from fastavatar/apps/demo.py
+    python scripts/demo.py --output_dir outputs/demo --w_steps 100   # any option of fastavatar/apps/demo.py
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastavatar.config import parse_config  # noqa: E402
-from fastavatar.apps.demo import DemoConfig, run_demo  # noqa: E402
+from fastavatar.config import parse_config
+from fastavatar.apps.demo import DemoConfig, run_demo
 
 
 def main(argv=None) -> int:

@@ -2,17 +2,14 @@
 """Train the Gaussian decoder (hypernetwork + per-subject W) on multi-view captures.
 
     python scripts/train_decoder.py --data_root data/nersemble --image_scale 0.25 --max_epochs 2
-    torchrun --nproc_per_node=4 scripts/train_decoder.py --config configs/decoder.yaml
+    torchrun --nproc_per_node=4 scripts/train_decoder.py --data_root /path/to/nersemble_export
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastavatar.config import parse_config  # noqa: E402
-from fastavatar.train.common import NonFiniteLossError  # noqa: E402
-from fastavatar.train.decoder import DecoderTrainConfig, train_decoder  # noqa: E402
+from fastavatar.config import parse_config
+from fastavatar.train.common import NonFiniteLossError
+from fastavatar.train.decoder import DecoderTrainConfig, train_decoder
 
 
 def main(argv=None) -> int:

@@ -1,19 +1,16 @@
 #!/usr/bin/env python
 """Train the W encoder (ArcFace embedding -> decoder W) against a trained decoder's W table.
 
-    python scripts/train_encoder.py --config configs/encoder.yaml \
+    python scripts/train_encoder.py --data_root data/nersemble \
         --decoder_load_path runs/decoder/checkpoints/latest.pth --output_dir runs/encoder
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastavatar.config import parse_config  # noqa: E402
-from fastavatar.face.embedding import FaceModelsMissingError  # noqa: E402
-from fastavatar.train.common import NonFiniteLossError  # noqa: E402
-from fastavatar.train.encoder import EncoderTrainConfig, train_encoder  # noqa: E402
+from fastavatar.config import parse_config
+from fastavatar.face.embedding import FaceModelsMissingError
+from fastavatar.train.common import NonFiniteLossError
+from fastavatar.train.encoder import EncoderTrainConfig, train_encoder
 
 
 def main(argv=None) -> int:

@@ -1,18 +1,15 @@
 #!/usr/bin/env python
 """Train the DINOv2 point + camera-pose tracker (heads by default; --no-freeze_backbone for all).
 
-    python scripts/train_tracker.py --config configs/tracker.yaml --output_dir runs/tracker
+    python scripts/train_tracker.py --data_root data/nersemble --output_dir runs/tracker
     python scripts/train_tracker.py --random_backbone --max_epochs 1    # smoke run without weights
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fastavatar.config import parse_config  # noqa: E402
-from fastavatar.train.common import NonFiniteLossError  # noqa: E402
-from fastavatar.train.tracker import TrackerTrainConfig, train_tracker  # noqa: E402
+from fastavatar.config import parse_config
+from fastavatar.train.common import NonFiniteLossError
+from fastavatar.train.tracker import TrackerTrainConfig, train_tracker
 
 
 def main(argv=None) -> int:

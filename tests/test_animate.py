@@ -12,13 +12,15 @@ import torch.nn.functional as F
 
 from fastavatar.animate import (
     AnimateConfig,
-    DemoConfig,
+    DemoSequenceConfig,
     RigError,
     bind_splats,
     build_rig,
     demo_sequence,
     evaluate_rig,
+    evaluate_rig_reference,
     load_flame_sequence,
+    pack_rig,
     load_rig,
     mesh_rig_splats,
     render_sequence,
@@ -26,6 +28,7 @@ from fastavatar.animate import (
     save_rig,
 )
 from fastavatar.animate.binding import sh_basis_rest
+from fastavatar.core.sh import eval_sh, sh_basis
 from fastavatar.core.cameras import look_at_c2w
 from fastavatar.flame import flame_forward
 from fastavatar.flame.points import triangle_centres
@@ -108,7 +111,7 @@ def test_zero_expression_zero_pose_reproduces_rest_exactly(scene):
         out = evaluate_rig(rig, {})
         assert torch.equal(out["means"], rig.rest["means"])
         assert torch.equal(out["scales"], rig.rest["scales"])
-        assert torch.allclose(out["quats"], F.normalize(rig.rest["quats"], dim=-1).abs() * torch.sign(out["quats"]), atol=1e-7)
+        assert torch.allclose(out["quats"], F.normalize(rig.rest["quats"], dim=-1), atol=1e-7)  # no joint turns
         assert torch.allclose(out["shN"], rig.rest["shN"], atol=1e-6)
     # mesh rigging at zero params == Gaussians placed on the rest mesh (FLAME with expression 0, pose 0)
     ref = mesh_rig_splats(scene["model"], scene["rig_mesh"], {})
@@ -185,6 +188,25 @@ def test_pose_drives_like_mesh_rigging(scene):
 # ------------------------------------------------------------------ rotations and SH
 
 
+def test_fast_rig_path_equals_the_reference(scene):
+    """evaluate_rig (packed, component-major, joint maths on the CPU) == evaluate_rig_reference ([N, C])
+    for random expressions and poses, in float64 and float32, with and without SH rotation."""
+    g = torch.Generator().manual_seed(5)
+    for rig in (scene["rig"], scene["rig"].to(torch.float32)):
+        packed = pack_rig(rig)
+        for _ in range(3):
+            p = {"expr": torch.randn(1, rig.num_expr, generator=g), "rotation": 0.4 * torch.randn(1, 3, generator=g),
+                 "neck_pose": 0.2 * torch.randn(1, 3, generator=g), "jaw_pose": 0.3 * torch.randn(1, 3, generator=g),
+                 "eyes_pose": 0.1 * torch.randn(1, 6, generator=g), "translation": torch.randn(1, 3, generator=g)}
+            fast, ref = evaluate_rig(packed, p), evaluate_rig_reference(rig, p)
+            tol = 1e-10 if rig.rest["means"].dtype == torch.float64 else 2e-5
+            for key in ref:
+                assert torch.allclose(fast[key], ref[key], atol=tol), key
+            assert (ref["means"] - rig.rest["means"]).abs().max() > 1e-3  # the frame really moves the head
+        no_sh = evaluate_rig(packed, p, rotate_colours=False)
+        assert torch.equal(no_sh["shN"], rig.rest["shN"]) and torch.allclose(no_sh["means"], ref["means"], atol=tol)
+
+
 def test_matrix_quat_round_trip():
     q = F.normalize(torch.randn(200, 4, dtype=torch.float64), dim=-1)
     r = quat_to_matrix(q)
@@ -199,10 +221,23 @@ def test_sh_rotation_is_exact_for_bands_1_to_3():
     rot = quat_to_matrix(torch.randn(50, 4, generator=g, dtype=torch.float64))
     d = F.normalize(torch.randn(50, 3, generator=g, dtype=torch.float64), dim=-1)
     rotated = rotate_sh(shn, rot)
-    colour_new = (sh_basis_rest(d)[..., None] * rotated).sum(1)
-    colour_old = (sh_basis_rest((rot.transpose(1, 2) @ d[..., None])[..., 0])[..., None] * shn).sum(1)
+    # colours with the renderer's basis (fastavatar.core.sh), band 0 zero: rotation moves only bands 1-3
+    zero = torch.zeros(50, 1, 3, dtype=torch.float64)
+    colour_new = eval_sh(3, d, torch.cat([zero, rotated], 1))
+    colour_old = eval_sh(3, (rot.transpose(1, 2) @ d[..., None])[..., 0], torch.cat([zero, shn], 1))
     assert torch.allclose(colour_new, colour_old, atol=1e-12)
     assert not torch.allclose(rotated, shn, atol=1e-2)
+
+
+def test_animate_sh_basis_is_the_renderers():
+    """The component-major basis used for SH rotation equals fastavatar.core.sh (the renderer's) bands 1-3."""
+    from fastavatar.animate.binding import _sh_basis_soa
+
+    d = F.normalize(torch.randn(64, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=-1)
+    reference = sh_basis(3, d)[:, 1:]
+    assert torch.allclose(sh_basis_rest(d), reference, atol=1e-15)
+    assert torch.allclose(_sh_basis_soa(d[:, 0], d[:, 1], d[:, 2]).T, reference, atol=1e-15)
+    assert reference.abs().max() > 0.1  # a real basis, not zeros
 
 
 def test_rigid_motion_of_gaussians_and_camera_leaves_render_unchanged(scene):
@@ -253,9 +288,9 @@ def test_rig_save_load_round_trip_and_errors(scene, tmp_path):
 
 
 def test_demo_sequence_parts():
-    cfg = DemoConfig(fps=10, seconds_per_part=1.0, num_expr=20, sweep_bases=2)
+    cfg = DemoSequenceConfig(fps=10, seconds_per_part=1.0, num_expr=20, sweep_bases=2)
     frames = demo_sequence(cfg)
-    assert len(frames) == demo_sequence(cfg).__len__() and len(frames) >= 30
+    assert len(frames) == 2 * 5 + 10 + 10  # sweep: 2 bases x 5 frames; jaw and head turn: 10 frames each
     expr = torch.cat([f["expr"] for f in frames])
     jaw = torch.cat([f["jaw_pose"] for f in frames])[:, 0]
     yaw = torch.cat([f["rotation"] for f in frames])[:, 1]
@@ -273,9 +308,9 @@ def test_load_vhap_sequence(data_root):
 
 def test_render_sequence_writes_video(scene, tmp_path):
     rig = scene["rig"]
-    frames = demo_sequence(DemoConfig(fps=4, seconds_per_part=1.0, num_expr=rig.num_expr, sweep_bases=1))[:5]
+    frames = demo_sequence(DemoSequenceConfig(fps=4, seconds_per_part=1.0, num_expr=rig.num_expr, sweep_bases=1))[:5]
     c2w, K = _camera(rig.rest["means"].mean(0))
-    summary = render_sequence(frames, rig, c2w, K, W, H, tmp_path, AnimateConfig(backend="torch", save_ply=True, fps=4))
+    summary = render_sequence(frames, rig, c2w, K, W, H, tmp_path, AnimateConfig(render_backend="torch", save_ply=True, fps=4))
     video = Path(summary["video"])
     assert video.is_file() and video.stat().st_size > 0 and summary["num_frames"] == 5
     assert len(list((tmp_path / "frames").glob("*.ply"))) == 5
@@ -315,7 +350,7 @@ def test_build_rig_and_animate_scripts(tmp_path, data_root):
     assert rig.binding_mode == "nearest" and rig.num_expr == 3
     out_dir = tmp_path / "anim"
     assert load("animate").main(["--splats", str(tmp_path / "splats.ply"), "--output_dir", str(out_dir),
-                                 "--max_frames", "2", "--backend", "torch", "--image_scale", "0.1",
+                                 "--max_frames", "2", "--render_backend", "torch", "--image_scale", "0.1",
                                  "--subject_dir", str(data_root / "306"), "--camera", "8", "--orbit", "20"]) == 0
     import json
 

@@ -59,23 +59,25 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 
 def test_bundled_yaml_configs_list_only_what_they_change(repo_root):
     """Every configs/*.yaml loads into its dataclass and each key it sets differs from the default."""
-    from fastavatar.config import config_to_dict, flag_paths, load_yaml
+    from fastavatar.config import _flatten, _nest, config_to_dict, load_yaml
     from fastavatar.train.decoder import DecoderTrainConfig
 
+    from fastavatar.eval.protocol import EvaluateConfig
+    from fastavatar.inference.photo import PhotoConfig
     from fastavatar.train.blendshapes import BlendshapeTrainConfig
 
-    owners = {"blendshapes_cpu_small.yaml": BlendshapeTrainConfig, "decoder_cpu_small.yaml": DecoderTrainConfig}
+    owners = {"blendshapes_cpu_small.yaml": BlendshapeTrainConfig, "decoder_cpu_small.yaml": DecoderTrainConfig,
+              "photo_cpu.yaml": PhotoConfig, "protocol_loo.yaml": EvaluateConfig}
     files = sorted(p.name for p in (repo_root / "configs").glob("*.yaml"))
     assert files == sorted(owners), f"register new config files here: {files}"
     for name, cls in owners.items():
         values = load_yaml(repo_root / "configs" / name)
-        cfg = config_from_dict(cls, values, source=name)
-        defaults, paths = config_to_dict(cls()), flag_paths(cls)
-        for key, value in values.items():
-            node = defaults
-            for part in paths[key].split("."):
-                node = node[part]
-            assert node != value, f"{name}: {key}: {value!r} is the default; list only what changes"
+        config_from_dict(cls, values, source=name)  # loads: known keys, right types
+        given = _flatten(_nest(cls, values, name))  # nested mappings and flag names -> dotted paths
+        defaults = _flatten(config_to_dict(cls()))
+        for path, value in given.items():
+            assert defaults[path] != value, f"{name}: {path}: {value!r} is the default; list only what changes"
+    cfg = config_from_dict(DecoderTrainConfig, load_yaml(repo_root / "configs" / "decoder_cpu_small.yaml"))
     assert cfg.hidden_dim == 128 and cfg.mlp_lr == 1e-3 and cfg.output_dir == "runs/decoder_cpu"
 
 

@@ -105,3 +105,15 @@ def test_viewer_starting_at_source_shows_the_reconstruction(head):
         assert torch.allclose(shown, splats["means"], atol=1e-5)
     finally:
         viewer.stop()
+
+
+def test_view_command_options_come_from_the_dataclasses():
+    from pathlib import Path
+
+    from fastavatar.apps.viewer import ViewCommandConfig, ViewerConfig
+    from fastavatar.config import parse_config
+
+    cfg = parse_config(ViewCommandConfig, ["head.ply", "--port", "9001", "--no_rig"])
+    assert cfg.path == Path("head.ply") and cfg.no_rig and cfg.viewer == ViewerConfig(port=9001)
+    with pytest.raises(SystemExit):
+        parse_config(ViewCommandConfig, ["--port", "9001"])  # the PLY is required

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastavatar.core.rotations import canonical_sign, matrix_to_quat, quat_conjugate, quat_multiply
+from fastavatar.core.sh import sh_basis, sh_terms
 from fastavatar.core.splats import Splats
 
 # --------------------------------------------------------------------------------------------
@@ -35,23 +36,8 @@ _SH_BANDS = ((0, 3), (3, 8), (8, 15))  # slices of shN for l = 1, 2, 3
 
 
 def sh_basis_rest(dirs: torch.Tensor) -> torch.Tensor:
-    """[..., 3] unit directions -> [..., 15] real SH bands 1..3 (3DGS/gsplat constants and order)."""
-    x, y, z = dirs.unbind(-1)
-    xx, yy, zz = x * x, y * y, z * z
-    c1 = 0.4886025119029199
-    c2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-    c3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
-          -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
-    return torch.stack(
-        [
-            -c1 * y, c1 * z, -c1 * x,
-            c2[0] * x * y, c2[1] * y * z, c2[2] * (2 * zz - xx - yy), c2[3] * x * z, c2[4] * (xx - yy),
-            c3[0] * y * (3 * xx - yy), c3[1] * x * y * z, c3[2] * y * (4 * zz - xx - yy),
-            c3[3] * z * (2 * zz - 3 * xx - 3 * yy), c3[4] * x * (4 * zz - xx - yy), c3[5] * z * (xx - yy),
-            c3[6] * x * (xx - 3 * yy),
-        ],
-        dim=-1,
-    )
+    """[..., 3] directions -> [..., 15] real SH bands 1..3 (:func:`fastavatar.core.sh.sh_basis` without band 0)."""
+    return sh_basis(3, dirs)[..., 1:]
 
 
 _SH_SAMPLE_CACHE = {}
@@ -97,24 +83,8 @@ def sh_rotation_matrices(rot: torch.Tensor) -> list:
 
 
 def _sh_basis_soa(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Same basis as :func:`sh_basis_rest` for component arrays -> [15, ...] (component-major)."""
-    xx, yy, zz = x * x, y * y, z * z
-    c1 = 0.4886025119029199
-    c2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-    c3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154,
-          -0.4570457994644658, 1.445305721320277, -0.5900435899266435)
-    xy = x * y
-    r2 = 4 * zz - xx - yy
-    return torch.stack(
-        [
-            -c1 * y, c1 * z, -c1 * x,
-            c2[0] * xy, c2[1] * y * z, c2[2] * (2 * zz - xx - yy), c2[3] * x * z, c2[4] * (xx - yy),
-            c3[0] * y * (3 * xx - yy), c3[1] * xy * z, c3[2] * y * r2,
-            c3[3] * z * (2 * zz - 3 * xx - 3 * yy), c3[4] * x * r2, c3[5] * z * (xx - yy),
-            c3[6] * x * (xx - 3 * yy),
-        ],
-        dim=0,
-    )
+    """Bands 1..3 for component arrays (unit directions) -> [15, ...], component-major."""
+    return torch.stack(sh_terms(3, x, y, z)[1:], dim=0)
 
 
 def rotate_sh(shn: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:

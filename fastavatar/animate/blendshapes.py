@@ -26,6 +26,11 @@ Rest splats (``rest_mode``): "mesh" = the reconstruction moved from the source m
 frame it was reconstructed in) to the rest mesh through its binding; "source" (default) = the rest
 splats for which (b) driven with the source frame's parameters returns the reconstruction exactly
 (:func:`source_exact_rest`); they differ by the blendshape linearisation error at the source frame.
+
+(c) **Learned Gaussian blendshapes** (``rig.kind == "learned"``, :mod:`fastavatar.animate.learn`):
+    the same per-frame maths with per-axis log-scale deltas and two more blended attributes,
+    ``c = c_rest + Σ ψ_k Δc_k`` (SH DC colour) and ``o = o_rest + Σ ψ_k Δo_k`` (opacity logit).
+    Both paths below evaluate either kind.
 """
 
 from __future__ import annotations
@@ -132,6 +137,7 @@ def build_rig(
         faces=model.faces.clone(),
         source=source,
         rest_mode="mesh",
+        num_teeth_faces=model.num_teeth_faces,
     )
     if rest_mode == "source":
         rig.rest = source_exact_rest(rig, splats)
@@ -155,31 +161,69 @@ def _expr_vector(params: Dict[str, torch.Tensor], k: int, like: torch.Tensor) ->
     return out
 
 
-def _frame_terms(rig: Rig, params: Dict[str, torch.Tensor]):
-    """Per-frame quantities that do not depend on the rest splats.
+def _joint_terms(params: Dict[str, torch.Tensor], rest_joints: torch.Tensor, joint_exprdirs: torch.Tensor,
+                 parents: torch.Tensor, num_expr: int, like: torch.Tensor):
+    """The small per-frame joint maths, shared by both paths: (expression psi [K], pose feature [P],
+    joint transforms [J,4,4]) in the dtype/device of ``like``."""
+    psi = _expr_vector(params, num_expr, like)  # [K]
+    rot_mats = full_pose_matrices(*(_frame_value(params, key, POSE_WIDTHS[key], like) for key in POSE_KEYS[:4]))
+    joints = rest_joints + torch.einsum("k,kjc->jc", psi, joint_exprdirs)
+    transforms = lbs_transforms(rot_mats, joints[None], parents)[0]  # [J, 4, 4]
+    return psi, pose_feature(rot_mats)[0], transforms
 
-    Returns (delta means [N,3], expression rotation quats [N,4], delta log-scales [N], blended LBS minus identity [N,3,4],
-    skinning quaternions [N,4], translation [3]).
+
+def _blend_per_gaussian(psi: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """sum_k psi_k deltas_k: psi [K], deltas [K, N] or [K, N, C] -> [N, 1] or [N, C]."""
+    out = torch.tensordot(psi, deltas, dims=1)
+    return out[:, None] if out.dim() == 1 else out
+
+
+def _frame_terms(rig: Rig, params: Dict[str, torch.Tensor]):
+    """Per-frame quantities that do not depend on the rest splats (the reference path, [N, C] layout).
+
+    Returns (delta means [N,3], expression rotation quats [N,4], delta log-scales [N,1|3], blended LBS minus identity [N,3,4],
+    blended joint quaternions [N,4] (the skinning rotation, not normalised), translation [3]).
     """
     like = rig.rest["means"]
     n, k = rig.num_gaussians, rig.num_expr
-    psi = _expr_vector(params, k, like)  # [K]
-    rot_mats = full_pose_matrices(*(_frame_value(params, key, POSE_WIDTHS[key], like) for key in POSE_KEYS[:4]))
-    d_means = (psi @ rig.expr_dmeans.reshape(k, n * 3) + pose_feature(rot_mats)[0] @ rig.pose_dmeans.reshape(-1, n * 3))
+    psi, feature, transforms = _joint_terms(params, rig.rest_joints, rig.joint_exprdirs, rig.parents, k, like)
+    d_means = psi @ rig.expr_dmeans.reshape(k, n * 3) + feature @ rig.pose_dmeans.reshape(-1, n * 3)
     d_quats = rotvec_to_quat((psi @ rig.expr_drotvecs.reshape(k, n * 3)).reshape(n, 3))
-    d_logs = psi @ rig.expr_dlog_scales
-    joints = rig.rest_joints + torch.einsum("k,kjc->jc", psi, rig.joint_exprdirs)
-    transforms = lbs_transforms(rot_mats, joints[None], rig.parents)[0]  # [J, 4, 4]
+    d_logs = _blend_per_gaussian(psi, rig.expr_dlog_scales)  # [N, 1] (isotropic) or [N, 3]
     eye = torch.eye(4, dtype=like.dtype, device=like.device)[:3]
     blended = (rig.skin_weights @ (transforms[:, :3, :] - eye).reshape(-1, 12)).reshape(n, 3, 4)  # sum_j w_j (A_j - I)
     joint_q = matrix_to_quat(transforms[:, :3, :3])  # [J, 4], w >= 0
-    skin_q = F.normalize(rig.skin_weights @ joint_q, dim=-1)  # [N, 4]
+    skin_q = rig.skin_weights @ joint_q  # [N, 4]
     trans = _frame_value(params, "translation", 3, like)[0]
     return d_means.reshape(n, 3), d_quats, d_logs, blended, skin_q, trans
 
 
+def evaluate_rig_reference(rig: Rig, params: Dict[str, torch.Tensor], *, rotate_colours: bool = True) -> Splats:
+    """The reference per-frame path: the formulas of the module doc written out in the [N, C]
+    layout, differentiable in every rig tensor. :func:`evaluate_rig` is the fast path (same result,
+    tested against this one)."""
+    rest = rig.rest
+    d_means, d_quats, d_logs, blended, skin_q, trans = _frame_terms(rig, params)
+    means = rest["means"] + d_means
+    means = means + (blended[..., :3] @ means[..., None])[..., 0] + blended[..., 3] + trans
+    q_expr = quat_multiply(d_quats, F.normalize(rest["quats"], dim=-1))
+    quats = quat_multiply(skin_q, q_expr)  # the joint-quaternion blend is left unnormalised
+    out = {"means": means, "quats": quats, "scales": rest["scales"] + d_logs,
+           "opacities": rest["opacities"], "sh0": rest["sh0"], "shN": rest["shN"]}
+    if rig.expr_dsh0 is not None or rig.expr_dopacities is not None:  # a learned rig's appearance deltas
+        psi = _expr_vector(params, rig.num_expr, rest["means"])
+        if rig.expr_dsh0 is not None:
+            out["sh0"] = rest["sh0"] + _blend_per_gaussian(psi, rig.expr_dsh0)[:, None]
+        if rig.expr_dopacities is not None:
+            out["opacities"] = rest["opacities"] + _blend_per_gaussian(psi, rig.expr_dopacities)[:, 0]
+    if rotate_colours and rest["shN"].shape[1] > 0:
+        rel = quat_multiply(quats, quat_conjugate(F.normalize(rest["quats"], dim=-1)))
+        out["shN"] = rotate_sh(rest["shN"], quat_to_matrix(rel))
+    return out
+
+
 # --------------------------------------------------------------------------------------------
-# Fast per-frame evaluation (the runtime path; same maths as _frame_terms, fewer and fused ops)
+# Fast per-frame evaluation (the runtime path; the maths of evaluate_rig_reference, packed and fused)
 # --------------------------------------------------------------------------------------------
 
 # quaternion products as 4x4 matrices: a ⊗ b = L(a) b = R(b) a  (wxyz)
@@ -189,20 +233,31 @@ _R_IDX = (0, 1, 2, 3, 1, 0, 3, 2, 2, 3, 0, 1, 3, 2, 1, 0)
 _R_SIGN = (1, -1, -1, -1, 1, 1, 1, -1, 1, -1, 1, 1, 1, 1, -1, 1)
 
 
-class _Runtime:
-    """Packed, component-major ("structure of arrays", [C, N]) tensors for :func:`evaluate_rig`.
+class PackedRig:
+    """A rig packed for :func:`evaluate_rig`: component-major ("structure of arrays", [C, N]) tensors.
 
     Component-major layout makes every per-Gaussian op a contiguous vector op, which is several
-    times faster on CPU than [N, C] with small trailing dims. Cached on the rig object.
+    times faster on CPU than [N, C] with small trailing dims. Build it once per rig
+    (:func:`pack_rig`) and drive it for every frame; it is a snapshot (pack again after changing the rig).
     """
 
     def __init__(self, rig: Rig):
         n, k = rig.num_gaussians, rig.num_expr
         like = rig.rest["means"]
-        self.key = (id(rig.rest["means"]), id(rig.rest["quats"]), id(rig.expr_dmeans), like.dtype, like.device)
-        # [K, 7*N]: rows of 3 mean deltas, 3 rotation-vector deltas, 1 log-scale delta, each over N
-        expr = torch.cat([rig.expr_dmeans, rig.expr_drotvecs, rig.expr_dlog_scales[..., None]], dim=-1)  # [K, N, 7]
-        self.expr = expr.transpose(1, 2).reshape(k, 7 * n).to(like).contiguous()
+        self.rig = rig
+        # [K, R*N]: rows of 3 mean deltas, 3 rotation-vector deltas, 1 (isotropic) or 3 (per-axis) log-scale
+        # deltas, and for a learned rig 3 SH-DC colour and 1 opacity delta, each over N
+        dlog = rig.expr_dlog_scales if rig.expr_dlog_scales.dim() == 3 else rig.expr_dlog_scales[..., None]
+        parts = [rig.expr_dmeans, rig.expr_drotvecs, dlog]
+        self.num_log_rows = dlog.shape[-1]
+        self.has_colour, self.has_opacity = rig.expr_dsh0 is not None, rig.expr_dopacities is not None
+        if self.has_colour:
+            parts.append(rig.expr_dsh0)
+        if self.has_opacity:
+            parts.append(rig.expr_dopacities[..., None])
+        expr = torch.cat([p.to(like) for p in parts], dim=-1)  # [K, N, R]
+        self.rows = expr.shape[-1]
+        self.expr = expr.transpose(1, 2).reshape(k, self.rows * n).contiguous()
         self.pose = rig.pose_dmeans.transpose(1, 2).reshape(-1, 3 * n).to(like).contiguous()  # [P, 3*N]
         self.weights_t = rig.skin_weights.t().to(like).contiguous()  # [J, N]
         self.rest_means_t = rig.rest["means"].t().contiguous()  # [3, N]
@@ -210,107 +265,50 @@ class _Runtime:
         idx = torch.tensor(_R_IDX, device=like.device)
         sign = torch.tensor(_R_SIGN, dtype=like.dtype, device=like.device)
         self.right_rest = (q[:, idx] * sign).t().reshape(4, 4, n).contiguous()  # R(q_rest)[i, j, n]
-        self.rest_joints = rig.rest_joints.detach().cpu().double().numpy()
-        self.joint_exprdirs = rig.joint_exprdirs.detach().cpu().double().numpy().reshape(k, -1)
-        self.parents = [int(p) for p in rig.parents]
+        # the joint maths run on the CPU in float64 (a few 4x4 matrices per frame)
+        self.rest_joints = rig.rest_joints.detach().cpu().double()
+        self.joint_exprdirs = rig.joint_exprdirs.detach().cpu().double()
+        self.parents = rig.parents.detach().cpu()
+        self.left_idx = torch.tensor(_L_IDX)
+        self.left_sign = torch.tensor(_L_SIGN, dtype=torch.float64)
         self.num_expr = k
 
 
-def _runtime(rig: Rig) -> _Runtime:
-    rt = rig.__dict__.get("_runtime")
-    like = rig.rest["means"]
-    if rt is None or rt.key != (id(rig.rest["means"]), id(rig.rest["quats"]), id(rig.expr_dmeans), like.dtype, like.device):
-        rt = _Runtime(rig)
-        rig.__dict__["_runtime"] = rt
-    return rt
+def pack_rig(rig: Rig) -> PackedRig:
+    """Pack ``rig`` for fast per-frame evaluation (see :class:`PackedRig`)."""
+    return PackedRig(rig)
 
 
-def _np_param(params, key: str, width: int):
-    import numpy as np
-
-    value = params.get(key)
-    out = np.zeros(width)
-    if value is not None:
-        v = np.asarray(torch.as_tensor(value).detach().cpu().double()).reshape(-1)[:width]
-        out[: v.shape[0]] = v
-    return out
-
-
-def _joint_state(rt: _Runtime, params, psi_np):
-    """Small joint maths in float64 numpy: pose feature [P], (A - I) rows [J, 12], joint quats [J, 16] as L(q)."""
-    import numpy as np
-
-    aa = np.concatenate([_np_param(params, "rotation", 3), _np_param(params, "neck_pose", 3),
-                         _np_param(params, "jaw_pose", 3), _np_param(params, "eyes_pose", 6)]).reshape(5, 3)
-    theta = np.linalg.norm(aa, axis=1)
-    rots = np.tile(np.eye(3), (5, 1, 1))
-    for j in np.nonzero(theta > 1e-12)[0]:
-        x, y, z = aa[j] / theta[j]
-        skew = np.array([[0, -z, y], [z, 0, -x], [-y, x, 0]])
-        rots[j] = np.eye(3) + np.sin(theta[j]) * skew + (1 - np.cos(theta[j])) * (skew @ skew)
-    joints = rt.rest_joints + (psi_np @ rt.joint_exprdirs).reshape(-1, 3)
-    num_joints = len(rt.parents)
-    chain = []
-    for j in range(num_joints):
-        local = np.eye(4)
-        local[:3, :3] = rots[j]
-        local[:3, 3] = (np.eye(3) - rots[j]) @ joints[j]
-        chain.append(local if rt.parents[j] < 0 else chain[rt.parents[j]] @ local)
-    transforms = np.stack(chain)
-    a_minus_i = (transforms[:, :3, :] - np.eye(4)[:3]).reshape(num_joints, 12)
-    quats = np.stack([_np_matrix_to_quat(t[:3, :3]) for t in transforms])  # [J, 4], w >= 0
-    left = quats[:, list(_L_IDX)] * np.asarray(_L_SIGN, dtype=np.float64)  # [J, 16] = L(q_j)
-    feature = (rots[1:] - np.eye(3)).reshape(-1)
-    return feature, a_minus_i, left
-
-
-def _np_matrix_to_quat(m):
-    import numpy as np
-
-    tr = m[0, 0] + m[1, 1] + m[2, 2]
-    cands = np.array([1 + tr, 1 + m[0, 0] - m[1, 1] - m[2, 2], 1 - m[0, 0] + m[1, 1] - m[2, 2], 1 - m[0, 0] - m[1, 1] + m[2, 2]])
-    i = int(np.argmax(cands))
-    s = 2.0 * np.sqrt(max(cands[i], 1e-300))
-    if i == 0:
-        q = [s / 4, (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s]
-    elif i == 1:
-        q = [(m[2, 1] - m[1, 2]) / s, s / 4, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s]
-    elif i == 2:
-        q = [(m[0, 2] - m[2, 0]) / s, (m[0, 1] + m[1, 0]) / s, s / 4, (m[1, 2] + m[2, 1]) / s]
-    else:
-        q = [(m[1, 0] - m[0, 1]) / s, (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, s / 4]
-    q = np.asarray(q)
-    return -q if q[0] < 0 else q
-
-
-def evaluate_rig(rig: Rig, params: Dict[str, torch.Tensor], *, rotate_colours: bool = True) -> Splats:
+def evaluate_rig(rig, params: Dict[str, torch.Tensor], *, rotate_colours: bool = True) -> Splats:
     """Blendshapes + LBS for one frame of VHAP parameters -> raw splats (dtype/device of the rig).
 
-    ``params`` may hold any of rotation, neck_pose, jaw_pose, eyes_pose, translation, expr
+    ``rig``: a :class:`PackedRig` (pack once, drive many frames) or a :class:`Rig` (packed for this
+    call). ``params`` may hold any of rotation, neck_pose, jaw_pose, eyes_pose, translation, expr
     (missing ones are 0; expression coefficients beyond the rig's K are ignored). Returned
     quaternions are not normalised (the joint-quaternion blend is left unnormalised; activation
     normalises). Per frame this is two matrix-vector products over the packed deltas, one small
     matrix product for skinning, and a handful of element-wise ops.
     """
-    import numpy as np
-
-    rt = _runtime(rig)
-    rest = rig.rest
+    rt = rig if isinstance(rig, PackedRig) else PackedRig(rig)
+    rest = rt.rig.rest
     like = rest["means"]
-    n, k = rig.num_gaussians, rt.num_expr
-    psi_np = _np_param(params, "expr", k)
-    feature, a_minus_i, left = _joint_state(rt, params, psi_np)
-    psi = torch.as_tensor(psi_np, dtype=like.dtype).to(like.device)
-    small = torch.as_tensor(np.concatenate([feature, a_minus_i.reshape(-1), left.reshape(-1), _np_param(params, "translation", 3)]),
-                            dtype=like.dtype).to(like.device)
-    p = feature.shape[0]
-    feature_t, amat, lmat, trans = small[:p], small[p:p + a_minus_i.size], small[p + a_minus_i.size:-3], small[-3:]
-    num_joints = a_minus_i.shape[0]
+    n = rt.rig.num_gaussians
+    cpu = torch.zeros((), dtype=torch.float64)
+    psi, feature, transforms = _joint_terms(params, rt.rest_joints, rt.joint_exprdirs, rt.parents, rt.num_expr, cpu)
+    num_joints = transforms.shape[0]
+    a_minus_i = (transforms[:, :3, :] - torch.eye(4, dtype=torch.float64)[:3]).reshape(num_joints, 12)
+    left = matrix_to_quat(transforms[:, :3, :3])[:, rt.left_idx] * rt.left_sign  # [J, 16] = L(q_j)
+    trans = _frame_value(params, "translation", 3, cpu)[0]
+    small = torch.cat([psi, feature, a_minus_i.reshape(-1), left.reshape(-1), trans]).to(like)  # one transfer
+    k, p = psi.shape[0], feature.shape[0]
+    psi_t, feature_t = small[:k], small[k:k + p]
+    amat = small[k + p:k + p + 12 * num_joints]
+    lmat, trans_t = small[k + p + 12 * num_joints:-3], small[-3:]
 
-    blend = (psi @ rt.expr).view(7, n)  # component-major [7, N]
+    blend = (psi_t @ rt.expr).view(rt.rows, n)  # component-major [R, N]
     means = rt.rest_means_t + blend[:3] + (feature_t @ rt.pose).view(3, n)  # [3, N]
     lbs = (amat.view(num_joints, 12).t() @ rt.weights_t).view(3, 4, n)  # sum_j w_j (A_j - I), [3, 4, N]
-    means = means + (lbs[:, :3] * means[None]).sum(1) + lbs[:, 3] + trans[:, None]
+    means = means + (lbs[:, :3] * means[None]).sum(1) + lbs[:, 3] + trans_t[:, None]
 
     rv = blend[3:6]
     theta = (rv * rv).sum(0).sqrt()
@@ -320,7 +318,8 @@ def evaluate_rig(rig: Rig, params: Dict[str, torch.Tensor], *, rotate_colours: b
     skin_left = (lmat.view(num_joints, 16).t() @ rt.weights_t).view(4, 4, n)  # L(sum_j w_j q_j)
     quats = (skin_left * q_expr[None]).sum(1).t()  # [N, 4]
     means = means.t()
-    scales = rest["scales"] + blend[6][:, None]
+    row = 6 + rt.num_log_rows
+    scales = rest["scales"] + blend[6:row].t()
 
     out = {
         "means": means,
@@ -330,6 +329,11 @@ def evaluate_rig(rig: Rig, params: Dict[str, torch.Tensor], *, rotate_colours: b
         "sh0": rest["sh0"],
         "shN": rest["shN"],
     }
+    if rt.has_colour:
+        out["sh0"] = rest["sh0"] + blend[row:row + 3].t()[:, None]
+        row += 3
+    if rt.has_opacity:
+        out["opacities"] = rest["opacities"] + blend[row]
     if rotate_colours and rest["shN"].shape[1] > 0:
         rel = quat_multiply(quats, quat_conjugate(F.normalize(rest["quats"], dim=-1)))
         out["shN"] = rotate_sh(rest["shN"], quat_to_matrix(rel))
@@ -346,6 +350,7 @@ def source_exact_rest(rig: Rig, splats: Splats) -> Splats:
     like = rig.rest["means"]
     src = {key: v.detach().to(like) for key, v in splats.items()}
     d_means, d_quats, d_logs, blended, skin_q, trans = _frame_terms(rig, rig.source)
+    skin_q = F.normalize(skin_q, dim=-1)
     lin = blended[..., :3] + torch.eye(3, dtype=like.dtype, device=like.device)
     means = torch.linalg.solve(lin, (src["means"] - blended[..., 3] - trans)[..., None])[..., 0] - d_means
     target = quat_multiply(quat_conjugate(skin_q), F.normalize(src["quats"], dim=-1))  # unit
@@ -355,11 +360,16 @@ def source_exact_rest(rig: Rig, splats: Splats) -> Splats:
     out = {
         "means": means,
         "quats": quats,
-        "scales": src["scales"] - d_logs[:, None],
+        "scales": src["scales"] - d_logs,
         "opacities": src["opacities"],
         "sh0": src["sh0"],
         "shN": src["shN"],
     }
+    psi = _expr_vector(rig.source, rig.num_expr, like)
+    if rig.expr_dsh0 is not None:
+        out["sh0"] = src["sh0"] - _blend_per_gaussian(psi, rig.expr_dsh0)[:, None]
+    if rig.expr_dopacities is not None:
+        out["opacities"] = src["opacities"] - _blend_per_gaussian(psi, rig.expr_dopacities)[:, 0]
     if src["shN"].shape[1] > 0:
         rel = quat_multiply(quat_multiply(skin_q, target), quat_conjugate(F.normalize(quats, dim=-1)))
         out["shN"] = rotate_sh(src["shN"], quat_to_matrix(rel).transpose(-1, -2))
@@ -368,8 +378,12 @@ def source_exact_rest(rig: Rig, splats: Splats) -> Splats:
 
 def mesh_rig_splats(model: FlameModel, rig: Rig, params: Dict[str, torch.Tensor], *,
                     rotate_colours: bool = True) -> Splats:
-    """Reference animation: Gaussians follow their triangles on FLAME(identity, params)."""
-    model = model.to(dtype=torch.float64)
+    """Reference animation: Gaussians follow their triangles on FLAME(identity, params), the FLAME model
+    scaled by the rig's ``flame_scale`` (fitted rigs). A learned rig's colour and opacity deltas are
+    blended as in :func:`evaluate_rig` (geometry comes from the mesh alone)."""
+    from fastavatar.flame.fit import scale_flame_model
+
+    model = scale_flame_model(model.to(dtype=torch.float64), float(rig.flame_scale))
     full = {key: torch.as_tensor(v, dtype=torch.float64).reshape(1, -1)
             for key, v in params.items() if key in SOURCE_KEYS}
     full["shape"] = rig.shape.to(torch.float64).reshape(1, -1)
@@ -377,9 +391,9 @@ def mesh_rig_splats(model: FlameModel, rig: Rig, params: Dict[str, torch.Tensor]
     vertices = flame_forward(model, **full).vertices[0]
     base = {key: v.to(torch.float64) for key, v in rig.rest.items()}
     out = place_splats(binding_from_rig(rig), base, vertices, model.faces, rotate_colours=rotate_colours)
+    psi = _expr_vector(params, rig.num_expr, base["means"])
+    if rig.expr_dsh0 is not None:
+        out["sh0"] = base["sh0"] + _blend_per_gaussian(psi, rig.expr_dsh0.to(torch.float64))[:, None]
+    if rig.expr_dopacities is not None:
+        out["opacities"] = base["opacities"] + _blend_per_gaussian(psi, rig.expr_dopacities.to(torch.float64))[:, 0]
     return {key: v.to(rig.rest["means"].dtype) for key, v in out.items()}
-
-
-def source_params(rig: Rig) -> Dict[str, torch.Tensor]:
-    """The source frame's VHAP parameters stored in the rig (drive with them to get the PLY back)."""
-    return dict(rig.source)

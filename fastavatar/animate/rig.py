@@ -34,6 +34,7 @@ from typing import Callable, Dict, Optional, Type, Union
 import numpy as np
 import torch
 
+from fastavatar import NUM_TEMPLATE_GAUSSIANS
 from fastavatar.core.splats import SPLAT_KEYS, Splats
 from fastavatar.io.atomic import atomic_path
 
@@ -195,7 +196,7 @@ def load_rig(path: Union[str, Path], num_gaussians: int = None) -> Rig:
     )
 
 
-def random_rig(num_gaussians: int = 10144, num_expr: int = 100, seed: int = 0,
+def random_rig(num_gaussians: int = NUM_TEMPLATE_GAUSSIANS, num_expr: int = 100, seed: int = 0,
                means: torch.Tensor = None, learned: bool = False) -> Rig:
     """A full-size rig with random (plausibly scaled) content, for benchmarks; no FLAME file needed.
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Literal, Optional, Tuple, Union
 
 import torch
 
+from fastavatar.config import option
 from fastavatar.flame.model import params_from_npz
 
 DRIVING_KEYS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
@@ -45,7 +46,7 @@ def load_flame_sequence(folder: Union[str, Path], max_frames: Optional[int] = No
 
 
 @dataclass
-class DemoConfig:
+class DemoSequenceConfig:
     """The built-in demo: neutral -> expression sweep -> jaw open -> head turn -> neutral."""
 
     fps: int = 25  # frames per second of the output video
@@ -58,7 +59,7 @@ class DemoConfig:
     head_pitch: float = 0.15  # radians, slight nod during the turn
 
 
-def demo_sequence(cfg: DemoConfig = DemoConfig(), base: Optional[Frame] = None) -> List[Frame]:
+def demo_sequence(cfg: DemoSequenceConfig = DemoSequenceConfig(), base: Optional[Frame] = None) -> List[Frame]:
     """A deterministic demo sequence, optionally on top of ``base`` (e.g. the source frame's pose).
 
     Parts: (1) sweep each of the first ``sweep_bases`` expression bases through
@@ -111,13 +112,14 @@ def demo_sequence(cfg: DemoConfig = DemoConfig(), base: Optional[Frame] = None) 
 class AnimateConfig:
     """How :func:`render_sequence` drives and renders."""
 
-    mode: str = "blendshapes"  # "blendshapes" (rig only) or "mesh" (exact mesh rigging; needs the FLAME model)
-    fps: int = 25  # output video frame rate
-    backend: str = "auto"  # renderer backend (fastavatar.render): "auto", "gsplat" or "torch"
-    background: tuple = (1.0, 1.0, 1.0)  # render background colour
-    save_ply: bool = False  # also write frames/NNNNN.ply
-    video_name: str = "animation"  # output file stem (.mp4, or .gif without imageio-ffmpeg)
-    image_scale: float = 1.0  # render resolution scale (e.g. 0.5 for a faster CPU preview)
+    mode: Literal["blendshapes", "mesh"] = option(
+        "blendshapes", "'blendshapes' (rig only) or 'mesh' (exact mesh rigging; needs --flame_model)")
+    fps: int = option(25, "output video frame rate")
+    render_backend: Literal["auto", "numba", "torch", "gsplat"] = option("auto", "renderer (fastavatar.render)")
+    background: Tuple[float, float, float] = option((1.0, 1.0, 1.0), "render background colour")
+    save_ply: bool = option(False, "also write frames/NNNNN.ply")
+    video_name: str = option("animation", "output file stem (.mp4, or .gif without imageio-ffmpeg)")
+    image_scale: float = option(1.0, "render resolution scale (e.g. 0.5 for a faster CPU preview)")
 
 
 def ffmpeg_available() -> bool:
@@ -207,7 +209,7 @@ def render_sequence(
     import numpy as np
     from tqdm import tqdm
 
-    from fastavatar.animate.blendshapes import evaluate_rig, mesh_rig_splats
+    from fastavatar.animate.blendshapes import evaluate_rig, mesh_rig_splats, pack_rig
     from fastavatar.core.cameras import scale_intrinsics, scaled_size
     from fastavatar.render import render_splats
 
@@ -222,14 +224,15 @@ def render_sequence(
     if cfg.image_scale != 1.0:
         K = scale_intrinsics(K, cfg.image_scale)
         width, height = scaled_size(width, height, cfg.image_scale)
+    packed = pack_rig(rig) if cfg.mode == "blendshapes" else None
     images, t_drive, t_render = [], 0.0, 0.0
     for i, params in enumerate(tqdm(frames, desc="animate", unit="frame")):
         t0 = time.perf_counter()
         with torch.no_grad():
-            splats = evaluate_rig(rig, params) if cfg.mode == "blendshapes" else mesh_rig_splats(model, rig, params)
+            splats = evaluate_rig(packed, params) if packed is not None else mesh_rig_splats(model, rig, params)
         t1 = time.perf_counter()
         with torch.no_grad():
-            out = render_splats(splats, c2ws[i], K, width, height, background=cfg.background, backend=cfg.backend)
+            out = render_splats(splats, c2ws[i], K, width, height, background=tuple(cfg.background), backend=cfg.render_backend)
         t_render += time.perf_counter() - t1
         t_drive += t1 - t0
         images.append((out.rgb[0].clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8))

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Dict, List
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from fastavatar.config import option, parse_config
 from fastavatar.core.splats import Splats, activate, sh0_to_rgb
 
 
@@ -23,13 +25,13 @@ from fastavatar.core.splats import Splats, activate, sh0_to_rgb
 class ViewerConfig:
     """Viewer options."""
 
-    host: str = "127.0.0.1"  # bind address (loopback by default; use 0.0.0.0 to share on a LAN)
-    port: int = 8080  # HTTP/websocket port
-    num_expr_sliders: int = 10  # expression coefficients exposed as sliders
-    expr_range: float = 3.0  # slider range ± for expression coefficients
-    jaw_max: float = 0.6  # radians, jaw slider maximum
-    head_max: float = 0.8  # radians, head yaw/pitch/roll slider range ±
-    start_at_source: bool = False  # sliders act on top of the source frame's pose/expression (else on neutral)
+    host: str = option("127.0.0.1", "bind address (loopback by default; use 0.0.0.0 to share on a LAN)")
+    port: int = option(8080, "HTTP/websocket port")
+    num_expr_sliders: int = option(10, "expression coefficients exposed as sliders")
+    expr_range: float = option(3.0, "slider range ± for expression coefficients")
+    jaw_max: float = option(0.6, "radians, jaw slider maximum")
+    head_max: float = option(0.8, "radians, head yaw/pitch/roll slider range ±")
+    start_at_source: bool = option(False, "sliders act on top of the source frame's pose/expression (else on neutral)")
 
 
 def splats_to_viser(splats: Splats) -> Dict[str, np.ndarray]:
@@ -88,6 +90,7 @@ class SplatViewer:
         self.handle = None
         self.sliders: Dict[str, object] = {}
         self._lock = threading.Lock()
+        self._packed = None  # the rig packed for evaluate_rig, on first use
         self.updates = 0  # number of live re-evaluations (for tests/diagnostics)
 
     # ------------------------------------------------------------------ lifecycle
@@ -175,10 +178,12 @@ class SplatViewer:
 
     def set_params(self, params: Dict[str, torch.Tensor]) -> None:
         """Drive the rig with ``params`` and push the new splats to the scene."""
-        from fastavatar.animate.blendshapes import evaluate_rig
+        from fastavatar.animate.blendshapes import evaluate_rig, pack_rig
 
         with self._lock, torch.no_grad():
-            splats = evaluate_rig(self.rig, params, rotate_colours=False)  # viewer shows DC colour only
+            if self._packed is None:
+                self._packed = pack_rig(self.rig)
+            splats = evaluate_rig(self._packed, params, rotate_colours=False)  # viewer shows DC colour only
             self.handle.set_gaussians(**splats_to_viser(splats))
             self.updates += 1
 
@@ -221,4 +226,31 @@ def locate_rig(ply_path, rig_path=None):
     return candidate if candidate.is_file() else None
 
 
-__all__: List[str] = ["ViewerConfig", "SplatViewer", "check_listen_address", "serve", "splats_to_viser", "locate_rig"]
+@dataclass(kw_only=True)
+class ViewCommandConfig:
+    """``scripts/view.py``."""
+
+    path: Path = option(help="splats PLY (standard 3DGS layout)", positional=True)
+    rig: Optional[Path] = option(None, "rig.npz (default: rig.npz beside the PLY, if present)")
+    no_rig: bool = option(False, "ignore a rig beside the PLY")
+    viewer: ViewerConfig = option(ViewerConfig(), "viewer options")
+
+
+def view_main(argv: Optional[Sequence[str]] = None, description: str = "") -> int:
+    """CLI of ``scripts/view.py``: serve until Ctrl-C; errors are one line on stderr (exit code 2)."""
+    from fastavatar.animate.rig import load_rig, run_rig_script
+    from fastavatar.io.ply import load_ply
+
+    def run() -> int:
+        cfg = parse_config(ViewCommandConfig, argv, description=description)
+        splats = load_ply(cfg.path)
+        rig_path = None if cfg.no_rig else locate_rig(cfg.path, cfg.rig)
+        rig = load_rig(rig_path, num_gaussians=splats["means"].shape[0]) if rig_path is not None else None
+        serve(splats, rig, cfg.viewer, block=True)
+        return 0
+
+    return run_rig_script(run)
+
+
+__all__: List[str] = ["ViewerConfig", "ViewCommandConfig", "SplatViewer", "check_listen_address", "front_view", "serve",
+                      "splats_to_viser", "locate_rig", "view_main"]

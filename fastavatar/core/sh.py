@@ -7,6 +7,8 @@ Coefficient order and signs follow the INRIA 3DGS ``eval_sh`` layout, which gspl
 
 from __future__ import annotations
 
+from typing import List
+
 import torch
 
 SH_C0 = 0.28209479177387814
@@ -28,12 +30,12 @@ def num_sh_bases(degree: int) -> int:
     return (degree + 1) ** 2
 
 
-def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:
-    """[..., 3] directions (normalised here) -> [..., (degree+1)^2] SH basis values."""
+def sh_terms(degree: int, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> List[torch.Tensor]:
+    """The (degree+1)^2 basis values, one tensor each, for unit-direction components x, y, z of any
+    (equal) shape. :func:`sh_basis` stacks them last; SH rotation (``animate.binding``) stacks them
+    first, component-major."""
     if not 0 <= degree <= 3:
         raise ValueError(f"sh_basis: degree must be 0..3, got {degree}")
-    d = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    x, y, z = d.unbind(-1)
     out = [torch.full_like(x, SH_C0)]
     if degree >= 1:
         out += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
@@ -48,16 +50,23 @@ def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:
             SH_C2[4] * (xx - yy),
         ]
     if degree >= 3:
+        r = 4.0 * zz - xx - yy
         out += [
             SH_C3[0] * y * (3.0 * xx - yy),
             SH_C3[1] * xy * z,
-            SH_C3[2] * y * (4.0 * zz - xx - yy),
+            SH_C3[2] * y * r,
             SH_C3[3] * z * (2.0 * zz - 3.0 * xx - 3.0 * yy),
-            SH_C3[4] * x * (4.0 * zz - xx - yy),
+            SH_C3[4] * x * r,
             SH_C3[5] * z * (xx - yy),
             SH_C3[6] * x * (xx - 3.0 * yy),
         ]
-    return torch.stack(out, dim=-1)
+    return out
+
+
+def sh_basis(degree: int, dirs: torch.Tensor) -> torch.Tensor:
+    """[..., 3] directions (normalised here) -> [..., (degree+1)^2] SH basis values."""
+    d = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return torch.stack(sh_terms(degree, *d.unbind(-1)), dim=-1)
 
 
 def eval_sh(degree: int, dirs: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def evaluate_reconstruction(
         "unseen": means([r for r in per_view if not r["seen"]]),
         "seen": means([r for r in per_view if r["seen"]]),
         "all": means(per_view),
-        "lpips": "alex" if lpips_model is not None else None,
+        "lpips": getattr(lpips_model, "pnet_type", "unknown") if lpips_model is not None else None,  # trunk used
     }
     if out_dir is not None:
         atomic_write_json(Path(out_dir) / "results.json", results)

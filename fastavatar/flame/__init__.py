@@ -4,7 +4,6 @@ triangle centres and the points3D check: :mod:`fastavatar.flame.points`
 
 from fastavatar.flame.model import (  # noqa: F401
     DEFAULT_FLAME_PATH,
-    JOINT_NAMES,
     FlameModel,
     FlameModelMissing,
     FlameOutput,

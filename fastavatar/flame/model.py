@@ -25,7 +25,7 @@ and :meth:`FlameModel.save_npz` writes it, e.g. to cache a converted pickle or a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -36,7 +36,6 @@ from fastavatar.core.cameras import axis_angle_to_matrix
 from fastavatar.io.unpickle import StandInObject, load_npz, load_pickle_file
 
 DEFAULT_FLAME_PATH = Path("pretrained_weights/flame/flame2023.pkl")
-JOINT_NAMES = ("global", "neck", "jaw", "eye_left", "eye_right")
 NPZ_KEYS = ("v_template", "shapedirs", "exprdirs", "posedirs", "J_regressor", "parents", "lbs_weights", "faces")
 PARAM_KEYS = ("rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation", "shape", "expr", "static_offset")
 
@@ -105,7 +104,6 @@ class FlameModel:
     num_teeth_vertices: int = 0  # trailing vertices added by a teeth extension (VHAP: 120)
     num_teeth_faces: int = 0  # trailing faces added by a teeth extension (VHAP: 168)
     source: str = ""  # file it was loaded from (for messages)
-    extras: Dict[str, np.ndarray] = field(default_factory=dict)  # unused pickle entries (e.g. landmarks)
 
     @property
     def num_vertices(self) -> int:

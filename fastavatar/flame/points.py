@@ -13,6 +13,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from fastavatar import NUM_TEMPLATE_GAUSSIANS
 from fastavatar.flame.model import FlameModel, flame_forward, params_from_npz
 
 
@@ -81,7 +82,7 @@ def points_from_flame_file(
     flame_model: Union[str, Path, None, FlameModel],
     flame_param_path: Union[str, Path],
     fallback_points: Optional[torch.Tensor] = None,  # [P, 3] used for indices the model has no face for
-    expected: Optional[int] = 10144,
+    expected: Optional[int] = NUM_TEMPLATE_GAUSSIANS,
 ) -> torch.Tensor:
     """FastAvatar anchor points [P, 3] float32 from our FLAME forward (guided inference, "flame" points).
 

@@ -112,12 +112,8 @@ class Hypernet(nn.Module):
         else:
             raise ValueError(f"unknown decoder init {mode!r}; use 'original' or 'zero_out'")
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """x [..., w_dim + emb_dim] -> dict of raw head outputs with the same leading dims."""
-        return self._heads_forward(self.shared_body(x))
-
     def forward_conditioned(self, w: torch.Tensor, emb: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Same as ``forward(cat([w expanded, emb]))`` for w [B, w_dim] and emb [n, E] -> [B, n, ...],
+        """The MLP on ``cat([w expanded, emb])`` for w [B, w_dim] and emb [n, E] -> raw head outputs [B, n, ...],
         without building the [B, n, w_dim + E] input: the first layer's W part is one [B, hidden]
         product shared by every Gaussian (saves ~15% of the decoder's FLOPs and its largest buffer)."""
         first = self.shared_body[0]

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence
 
 import torch
 
+from fastavatar.config import option, parse_config, save_config
 from fastavatar.core.cameras import c2w_to_w2c
-from fastavatar.config import option
-from fastavatar.data import SubjectParser
-from fastavatar.losses import photometric_loss
 from fastavatar.core.splats import SH_REST_COEFFS, Splats, canonical_quats, rgb_to_sh0
-from fastavatar.runtime import progress
+from fastavatar.data import SubjectParser, discover_subjects
+from fastavatar.io.ply import save_ply
+from fastavatar.losses import photometric_loss
+from fastavatar.runtime import progress, resolve_device
 
 
 @dataclass
@@ -140,3 +142,29 @@ def build_template(parsers: Sequence[SubjectParser], cfg: TemplateFitConfig, dev
     """Fit every subject and average: the canonical template (raw splats, SH degree 3)."""
     fits = [fit_subject(p, cfg, device, show_progress) for p in parsers]
     return average_splats(fits)
+
+
+@dataclass
+class BuildTemplateConfig(TemplateFitConfig):
+    """``scripts/build_template.py``: the fit options plus which subjects and where the PLY goes."""
+
+    data_root: str = option("data/nersemble", "folder of subject folders")
+    subjects: List[str] = option([], "subject ids to fit (empty: all)")
+    image_scale: float = option(0.5, "image scale used for fitting")
+    output: str = option("pretrained_weights/averaged_model.ply", "where to write the template PLY")
+    device: str = option("auto", "auto, cpu or cuda")
+
+
+def build_template_main(argv: Optional[Sequence[str]] = None, description: str = "") -> int:
+    """CLI of ``scripts/build_template.py``: fit, average, write the PLY and its resolved
+    ``<output stem>.config.yaml`` beside it."""
+    cfg = parse_config(BuildTemplateConfig, argv, description=description)
+    parsers = [SubjectParser(p, image_scale=cfg.image_scale)
+               for p in discover_subjects(cfg.data_root, cfg.subjects or None, verbose=True)]
+    fit_cfg = TemplateFitConfig(**{f.name: getattr(cfg, f.name) for f in fields(TemplateFitConfig)})
+    template = build_template(parsers, fit_cfg, device=resolve_device(cfg.device))
+    rows = save_ply(cfg.output, template)
+    output = Path(cfg.output)
+    config_path = save_config(cfg, output.parent, name=f"{output.stem}.config.yaml")
+    print(f"[template] wrote {cfg.output}: {rows} Gaussians averaged over {len(parsers)} subjects (config {config_path})")
+    return 0
