@@ -34,6 +34,28 @@ class ViewerConfig:
     start_at_source: bool = option(False, "sliders act on top of the source frame's pose/expression (else on neutral)")
 
 
+def front_view(splats: Splats, rig=None, start_at_source: bool = False):
+    """(camera position [3], look-at [3], up [3]) facing the displayed head, in world coordinates.
+
+    FLAME faces +z with y up. The viewer shows the rig's rest pose (facing +z) when a rig drives it from
+    neutral; otherwise the PLY as reconstructed, whose facing is the rig's source-frame global rotation
+    applied to +z (without a rig: +z, FLAME's convention). The distance is 8 head radii (RMS distance of
+    the means from their centre; 0.8 m for a life-size head).
+    """
+    from fastavatar.core.cameras import axis_angle_to_matrix
+
+    means = splats["means"].detach().double().cpu()
+    shown_rest = rig is not None and not start_at_source
+    centre = (rig.rest["means"].detach().double().cpu() if shown_rest else means).mean(0)
+    rot = torch.eye(3, dtype=torch.float64)
+    if rig is not None and not shown_rest and "rotation" in rig.source:
+        rot = axis_angle_to_matrix(rig.source["rotation"].detach().double().cpu().reshape(3))
+    radius = float((means - means.mean(0)).norm(dim=-1).pow(2).mean().sqrt())
+    forward, up = rot @ torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64), rot @ torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
+    position = centre + forward * 8.0 * max(radius, 1e-3)
+    return position.numpy(), centre.numpy(), up.numpy()
+
+
 def splats_to_viser(splats: Splats) -> Dict[str, np.ndarray]:
     """Raw splats -> viser arrays: centers [N,3], covariances [N,3,3], rgbs [N,3] (0..1), opacities [N,1]."""
     from fastavatar.core.rotations import quat_to_matrix
@@ -104,12 +126,24 @@ class SplatViewer:
             self.stop()
             raise ValueError(f"--port {self.cfg.port}: in use (viser would have moved to {moved}); pick another port")
         self.server.scene.set_up_direction("+y")  # FLAME/VHAP world: y up, face towards +z
-        centre = self.splats["means"].detach().float().mean(0).cpu().numpy()
-        try:
-            self.server.initial_camera.position = tuple(float(c) for c in centre + np.array([0.0, 0.0, 0.8]))
-            self.server.initial_camera.look_at = tuple(float(c) for c in centre)
+        self.view = front_view(self.splats, self.rig, self.cfg.start_at_source)
+        position, look_at, up = (tuple(float(c) for c in v) for v in self.view)
+        try:  # "Reset View" target (and the first view, when the client applies it after the scene's up direction)
+            self.server.initial_camera.position = position
+            self.server.initial_camera.look_at = look_at
+            self.server.initial_camera.up = up
         except AttributeError:  # older viser
             pass
+
+        def face_the_head(client) -> None:
+            """Each new client's own camera, set after it has the scene (and its up-direction rotation): the
+            initial camera alone can be applied before that rotation, which left the camera behind the head."""
+            client.camera.up_direction = up
+            client.camera.position = position
+            client.camera.look_at = look_at
+
+        self._on_connect = face_the_head
+        self.server.on_client_connect(face_the_head)
         arrays = splats_to_viser(self.splats)
         self.handle = self.server.scene.add_gaussian_splats("/head", **arrays)
         self.server.gui.add_markdown(f"**{arrays['centers'].shape[0]} Gaussians**")
@@ -218,8 +252,6 @@ def serve(splats: Splats, rig=None, cfg: ViewerConfig = ViewerConfig(), block: b
 
 def locate_rig(ply_path, rig_path=None):
     """``rig_path`` if given, else ``rig.npz`` beside the PLY when it exists, else None."""
-    from pathlib import Path
-
     if rig_path is not None:
         return Path(rig_path)
     candidate = Path(ply_path).with_name("rig.npz")
