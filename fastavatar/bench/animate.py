@@ -2,8 +2,8 @@
 
 - ``drive``: blendshapes + LBS per frame (positions, rotations, log-scales; ``drive_sh`` adds the
   SH-band rotation), for analytic and learned rigs (learned = also colour and opacity deltas).
-- ``frame``: blend + skin + render one frame, end to end, per backend (our torch rasterizer on the
-  CPU; gsplat on CUDA when present), with frames per second next to GaussianBlendshapes' 370 fps
+- ``frame``: blend + skin + render one frame, end to end, per backend (our numba and torch
+  rasterizers on the CPU; gsplat on CUDA when present), with frames per second next to GaussianBlendshapes' 370 fps
   (paper: its C++/CUDA viewer, animation + rendering, RTX-class GPU; spec §7).
 - ``train_step``: seconds per training iteration of learned blendshapes (forward, render, loss,
   backward, Adam step) at ``train_width`` x ``train_height``.
@@ -77,6 +77,11 @@ def _devices() -> List[str]:
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def _render_backends() -> List[tuple]:
+    """(backend, device) pairs timed: our compiled (numba) and torch rasterizers on the CPU, gsplat on CUDA."""
+    return [("numba", "cpu"), ("torch", "cpu")] + ([("gsplat", "cuda")] if torch.cuda.is_available() else [])
+
+
 def bench_drive(cfg: AnimateBenchConfig) -> List[dict]:
     from fastavatar.animate.blendshapes import evaluate_rig, pack_rig
     from fastavatar.animate.rig import random_rig
@@ -111,7 +116,7 @@ def bench_frame(cfg: AnimateBenchConfig) -> List[dict]:
     k = cfg.num_expr[0]
     rig = random_rig(cfg.num_gaussians, k, learned=True)
     rows = []
-    for backend, device in [("torch", "cpu")] + ([("gsplat", "cuda")] if torch.cuda.is_available() else []):
+    for backend, device in _render_backends():
         r = pack_rig(rig.to(torch.float32, device=device))
         c2w, K, _, _ = default_camera(r.rig.rest["means"].mean(0).cpu(), width=cfg.width, height=cfg.height)
         c2w, K = c2w.to(device), K.to(device)
@@ -141,7 +146,7 @@ def bench_train_step(cfg: AnimateBenchConfig) -> List[dict]:
 
     k = cfg.num_expr[0]
     rows = []
-    for backend, device in [("torch", "cpu")] + ([("gsplat", "cuda")] if torch.cuda.is_available() else []):
+    for backend, device in _render_backends():
         mcfg = BlendshapeModelConfig()
         model = BlendshapeModel(random_rig(cfg.num_gaussians, k).to(torch.float32, device=device), mcfg).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
