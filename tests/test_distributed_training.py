@@ -166,6 +166,72 @@ def test_distributed_helpers_two_gloo_ranks(tmp_path):
     assert r[1]["seen_after_barrier"]  # rank 1 sees rank 0's file once main_writes returns
 
 
+def _nan_on_one_rank_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Two ranks train a tiny DDP model; rank 1's loss turns NaN at step 2. Records how each rank ended."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from fastavatar.cli import TrainingStopped
+    from fastavatar.train.distributed import close_distributed, init_distributed, wrap_ddp
+    from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
+
+    env = init_distributed("cpu", "auto")
+    model = wrap_ddp(torch.nn.Linear(3, 1), env)
+
+    class Task(TrainTask):
+        name = "nan-probe"
+
+        def __init__(self):
+            self.optimizers = {"model": torch.optim.SGD(model.parameters(), lr=0.1)}
+            self.schedulers = {}
+            self.step = 0
+
+        def batches(self, epoch):
+            return [torch.ones(4, 3)] * 3
+
+        def losses(self, batch):
+            self.step += 1
+            loss = model(batch).pow(2).mean()
+            if rank == 1 and self.step == 2:
+                loss = loss * float("nan")
+            return {"total": loss}, batch.shape[0]
+
+        def clip_groups(self):
+            return [list(model.parameters())]
+
+        def save_checkpoint(self, path, epoch, global_step, record):
+            torch.save({"epoch": epoch}, path)
+
+    cfg = TrainLoopConfig(output_dir=str(Path(out_dir) / "run"), max_epochs=2, progress=False)
+    outcome = "finished"
+    try:
+        run_training(Task(), cfg, open_run(cfg, env, tensorboard=False), env)
+    except TrainingStopped as exc:
+        outcome = f"stopped: {exc}"
+    (Path(out_dir) / f"{rank}.txt").write_text(outcome)
+    close_distributed(env)
+
+
+def test_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN on one rank must stop all ranks at that step (the others would otherwise wait forever in the
+    backward's all-reduce); nothing from the bad step is saved."""
+    ctx = mp.start_processes(_nan_on_one_rank_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    deadline = 120.0
+    import time
+
+    t0 = time.monotonic()
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() - t0 > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung after another rank's loss became NaN")
+    for rank in range(2):
+        outcome = (tmp_path / f"{rank}.txt").read_text()
+        assert outcome.startswith("stopped:") and "at step 2" in outcome, (rank, outcome)
+    assert not (tmp_path / "run" / "checkpoints" / "latest.pth").exists()
+
+
 def test_single_process_env():
     env = DistEnv.single("cpu")
     assert not env.distributed and env.is_main

@@ -45,7 +45,7 @@ from fastavatar.config import option
 from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import progress
 from fastavatar.train.common import RunDir
-from fastavatar.train.distributed import DistEnv, broadcast_from_main, main_writes, weighted_mean
+from fastavatar.train.distributed import DistEnv, all_reduce_mean, broadcast_from_main, main_writes, weighted_mean
 from fastavatar.train.safety import (RunFolderError, StepGuard, continue_history, override_learning_rates,
                                      pick_resume_checkpoint, prepare_run_folder, remove_stale_temps, write_guard)
 
@@ -210,7 +210,10 @@ def run_training(task: TrainTask, cfg: TrainLoopConfig, run: RunDir, env: DistEn
                 losses, n = task.losses(batch)
                 loss = losses["total"]
                 global_step += 1
-                guard.check_loss(loss, global_step)
+                # Every rank must take the same decision, or the others would wait forever in the
+                # backward's all-reduce: the guard sees the loss averaged over ranks (NaN if any is).
+                guard.check_loss(torch.tensor(all_reduce_mean(loss.detach(), env)) if env.distributed else loss,
+                                 global_step)
                 for o in task.optimizers.values():
                     o.zero_grad(set_to_none=True)
                 loss.backward()
