@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """End-to-end demo on the bundled data (CPU, a few minutes): template -> decoder training ->
-single-view reconstruction of a held-out subject -> renders, turntable and metrics.
+reconstruction of a held-out subject from a plain photo (camera-free) and from its calibrated view ->
+renders, turntables and metrics beside the baselines. Needs the [face] extra (pip install -e ".[face]").
 
     python scripts/demo.py                      # defaults from fastavatar/apps/demo.py
     python scripts/demo.py --output_dir outputs/demo --w_steps 100   # any option of fastavatar/apps/demo.py

@@ -41,7 +41,7 @@ from fastavatar.data import SubjectParser, discover_subjects, subject_id_from_di
 from fastavatar.eval.evaluate import evaluate_reconstruction
 from fastavatar.eval.metrics import mean_metrics
 from fastavatar.face.pose import rotation_error_deg
-from fastavatar.inference.photo import PhotoConfig, reconstruct_photo, yaw_camera
+from fastavatar.inference.photo import PhotoConfig, PhotoReconstruction, reconstruct_photo, yaw_camera
 from fastavatar.io.atomic import atomic_write_json, atomic_write_text
 
 IDENTITY_YAWS = (0.0, -30.0, 30.0)
@@ -88,6 +88,38 @@ def _with_cameras(parser: SubjectParser, c2w: np.ndarray) -> SubjectParser:
     moved = copy.copy(parser)
     moved.c2w = torch.from_numpy(c2w.astype(np.float32))
     return moved
+
+
+def copy_as_plain_photo(parser: SubjectParser, view: int, folder: Path) -> Path:
+    """Copy view ``view``'s image file alone (no camera, mask or points) into ``folder``; returns the copy."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / parser.image_paths[view].name
+    shutil.copyfile(parser.image_paths[view], path)
+    return path
+
+
+def score_photo_reconstruction(rec: PhotoReconstruction, parser: SubjectParser, view: int, lpips_model, backend: str,
+                               device, out_dir: Optional[Path] = None) -> Dict[str, object]:
+    """Score a camera-free reconstruction of view ``view`` of ``parser``'s subject on its other views.
+
+    Procrustes with scale from the result's Gaussian means [N,3] to the subject's points3D [N,3]
+    (Gaussian *i* <-> triangle *i*); the subject's cameras are moved by the inverse similarity (see
+    the module docstring). ``out_dir``: renders and per-view JSON of the final head. Returns
+    ``{"photo", "photo_before_per_gaussian"}`` (unseen-view means), the PnP and refined camera
+    rotation errors (degrees) against the true camera, ``"alignment"`` (scale, RMSE in metres) and
+    ``"aligned_parser"`` (the subject with the moved cameras, for further renders)."""
+    means = rec.splats["means"].detach().double().cpu().numpy()
+    points = parser.points.double().numpy()
+    s, R, t = similarity_to(means, points)
+    aligned_rmse = float(np.sqrt((((s * means @ R.T + t) - points) ** 2).sum(1).mean()))
+    moved = _with_cameras(parser, cameras_into_source_frame(parser.c2w.double().numpy(), s, R, t))
+    photo_scores = evaluate_reconstruction(rec.splats, moved, out_dir, [view], lpips_model, backend, device)["unseen"]
+    before_pg = evaluate_reconstruction(rec.fit_splats, moved, None, [view], lpips_model, backend, device)["unseen"]
+    true_R = parser.c2w[view].double().numpy()[:3, :3]
+    return {"photo": photo_scores, "photo_before_per_gaussian": before_pg,
+            "pnp_rotation_error_deg": rotation_error_deg(R @ rec.pnp_c2w[:3, :3], true_R),
+            "refined_rotation_error_deg": rotation_error_deg(R @ rec.c2w.double().cpu().numpy()[:3, :3], true_R),
+            "alignment": {"scale": s, "rmse_m": aligned_rmse}, "aligned_parser": moved}
 
 
 def identity_scores(photo_path: Path, splats, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int,
@@ -154,28 +186,17 @@ def run_photo_protocol(cfg: PhotoProtocolConfig, show_progress: bool = True) -> 
         sub_dir = root / f"subject_{sid}"
         tl = loo_template_landmarks(cfg.data_root, others, sub_dir / f"template_landmarks_from_{'_'.join(others)}.npz",
                                     stage)
-        photo_dir = sub_dir / "photo_input"
-        photo_dir.mkdir(parents=True, exist_ok=True)
-        photo_path = photo_dir / parser.image_paths[view].name
-        shutil.copyfile(parser.image_paths[view], photo_path)  # the image alone: no camera, mask or points
+        photo_path = copy_as_plain_photo(parser, view, sub_dir / "photo_input")
         print(f"[photo-protocol] subject {sid}: photo {photo_path} (decoder {decoder_path}, landmarks from {others})")
         rec = reconstruct_photo(pc, photo_path, decoder, w_vectors, stage, tl, lpips_model, device,
                                 sub_dir / "photo", show_progress)
-        means = rec.splats["means"].detach().double().cpu().numpy()
-        s, R, t = similarity_to(means, parser.points.double().numpy())
-        aligned_rmse = float(np.sqrt((((s * means @ R.T + t) - parser.points.double().numpy()) ** 2).sum(1).mean()))
-        moved = _with_cameras(parser, cameras_into_source_frame(parser.c2w.double().numpy(), s, R, t))
-        photo_scores = evaluate_reconstruction(rec.splats, moved, sub_dir / "photo" / "scored", [view], lpips_model,
-                                               pc.fit.render_backend, device)["unseen"]
-        before_pg = evaluate_reconstruction(rec.fit_splats, moved, None, [view], lpips_model, pc.fit.render_backend,
-                                            device)["unseen"]
-        true_R = parser.c2w[view].double().numpy()[:3, :3]
-        pnp_err = rotation_error_deg(R @ rec.pnp_c2w[:3, :3], true_R)
-        refined_err = rotation_error_deg(R @ rec.c2w.double().cpu().numpy()[:3, :3], true_R)
+        scored = score_photo_reconstruction(rec, parser, view, lpips_model, pc.fit.render_backend, device,
+                                            sub_dir / "photo" / "scored")
+        photo_scores, pnp_err, refined_err = (scored["photo"], scored["pnp_rotation_error_deg"],
+                                              scored["refined_rotation_error_deg"])
         identity = identity_scores(photo_path, rec.splats, rec.c2w, rec.K, rec.width, rec.height,
                                    pc.fit.render_backend, pc.insightface_root, device)
-        row = {"subject": sid, "photo": photo_scores, "photo_before_per_gaussian": before_pg, "pnp_rotation_error_deg": pnp_err,
-               "refined_rotation_error_deg": refined_err, "alignment": {"scale": s, "rmse_m": aligned_rmse},
+        row = {"subject": sid, **{k: v for k, v in scored.items() if k != "aligned_parser"},
                "identity": identity, "photo_seconds": rec.summary["timings_s"],
                "initialisation": rec.summary["initialisation"], "decoder": decoder_path}
         if cfg.calibrated_baseline:

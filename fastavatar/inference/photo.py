@@ -63,10 +63,10 @@ class PhotoConfig:
 
     image: str = option("", "photo file or folder of photos (camera-free mode, instead of --data_root/--sample_id)")
     encoder_checkpoint: str = option("pretrained_weights/encoder_neutral_flame.pth",
-                                     "W encoder checkpoint (optional: its W initialises the head)")
+                                     "W encoder checkpoint (optional: its W initialises the head; '': none)")
     decoder_checkpoint: str = option("pretrained_weights/decoder_neutral_flame.pth", "decoder checkpoint (required)")
     dino_checkpoint: str = option("pretrained_weights/dino_encoder.pth",
-                                  "DINO tracker checkpoint (optional: its points and pose initialise the head)")
+                                  "DINO tracker checkpoint (optional: its points and pose initialise the head; '': none)")
     insightface_root: str = option("", "insightface buffalo_l folder (for the encoder's W)")
     template_landmarks: str = option("", "template landmark file (default: the one shipped in fastavatar/face/assets)")
     camera: CameraFitConfig = option(CameraFitConfig(), "camera stage")
@@ -100,8 +100,8 @@ class Initialisation:
 def initialise(cfg: PhotoConfig, decoder, w_vectors, image: LoadedImage, device: torch.device) -> Initialisation:
     """W and points: the official encoder / tracker when their files load, else the mean W / template points."""
     w, w_source = None, ""
-    encoder_path = Path(cfg.encoder_checkpoint)
-    if encoder_path.is_file():
+    encoder_path = Path(cfg.encoder_checkpoint) if cfg.encoder_checkpoint else None  # "": none (e.g. the demo)
+    if encoder_path is not None and encoder_path.is_file():
         from fastavatar.io.checkpoints import load_w_encoder
 
         # a given checkpoint that does not load is an error (never a silent fallback); missing face models are not
@@ -117,12 +117,12 @@ def initialise(cfg: PhotoConfig, decoder, w_vectors, image: LoadedImage, device:
         except Exception as exc:  # missing buffalo_l, no face for insightface, ...: fall back, and say why
             w_source = f"mean_w ({_first_line(exc)})"
     else:
-        w_source = f"mean_w (no W-encoder checkpoint at {encoder_path})"
+        w_source = f"mean_w (no W-encoder checkpoint {'given' if encoder_path is None else f'at {encoder_path}'})"
     if w is None:
         w = mean_w(w_vectors, decoder.config.w_dim).to(device)
     points, points_source, tracker_c2w = None, "", None
-    dino_path = Path(cfg.dino_checkpoint)
-    if dino_path.is_file():
+    dino_path = Path(cfg.dino_checkpoint) if cfg.dino_checkpoint else None
+    if dino_path is not None and dino_path.is_file():
         from fastavatar.face.tracker_input import preprocess_for_tracker
         from fastavatar.io.checkpoints import load_tracker
 
@@ -136,7 +136,7 @@ def initialise(cfg: PhotoConfig, decoder, w_vectors, image: LoadedImage, device:
         tracker_c2w = pred["camera_pose"][0].detach().cpu().double().numpy()
         points_source = "tracker"
     else:
-        points_source = f"template (no tracker checkpoint at {dino_path})"
+        points_source = f"template (no tracker checkpoint {'given' if dino_path is None else f'at {dino_path}'})"
     if points is None:
         points = decoder.template_means.detach().float()
     return Initialisation(w=w.detach().reshape(1, -1), points=points.to(device), w_source=w_source,
