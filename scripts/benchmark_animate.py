@@ -10,9 +10,7 @@ blendshape training iteration ("train_step").
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.bench.animate import benchmark_main  # noqa: E402
 

@@ -29,37 +29,18 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from fastavatar.core.cameras import c2w_to_w2c  # noqa: E402
+from fastavatar.data import SubjectParser  # noqa: E402
 from fastavatar.render import rasterize  # noqa: E402
 from fastavatar.core.splats import activate  # noqa: E402
 
 
 def load_scene(subject_dir: Path, image_name: str, scale: float):
     """(points [N,3], c2w [4,4], K [3,3], width, height) of one view of a subject."""
-    try:
-        from fastavatar.data import SubjectParser
-
-        parser = SubjectParser(str(subject_dir), image_scale=scale)
-        i = parser.image_names.index(image_name)
-        return parser.points.float(), parser.c2w[i].float(), parser.Ks[i].float(), parser.width, parser.height
-    except (ImportError, AttributeError):
-        pass
-    import pycolmap
-
-    rec = pycolmap.Reconstruction(str(subject_dir / "sparse" / "0"))
-    import numpy as np
-
-    points = torch.from_numpy(np.stack([p.xyz for _, p in sorted(rec.points3D.items())])).float()
-    image = next(im for im in rec.images.values() if im.name == image_name)
-    cam = rec.cameras[image.camera_id]
-    w2c = torch.eye(4)
-    w2c[:3, :] = torch.tensor(image.cam_from_world().matrix(), dtype=torch.float32)
-    fx, fy, cx, cy = cam.params[:4]
-    K = torch.tensor([[fx * scale, 0, cx * scale], [0, fy * scale, cy * scale], [0, 0, 1]], dtype=torch.float32)
-    width, height = max(1, round(cam.width * scale)), max(1, round(cam.height * scale))
-    return points, torch.linalg.inv(w2c), K, width, height
+    parser = SubjectParser(str(subject_dir), image_scale=scale)
+    i = parser.image_names.index(image_name)
+    return parser.points.float(), parser.c2w[i].float(), parser.Ks[i].float(), parser.width, parser.height
 
 
 def knn_mean_distance(points: torch.Tensor, k: int = 3, chunk: int = 2048) -> torch.Tensor:

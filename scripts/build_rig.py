@@ -16,9 +16,7 @@ file (pretrained_weights/flame/flame2023.pkl or --flame_model).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.apps.weights import ALL_NAMES, DEFAULT_WEIGHTS_DIR, run_download_weights  # noqa: E402
 

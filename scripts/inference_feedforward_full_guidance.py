@@ -15,9 +15,7 @@ the training views -> refined (camera, W, hypernetwork, per-Gaussian):
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.config import parse_config  # noqa: E402
 from fastavatar.inference.photo import PhotoConfig, run_photo_mode  # noqa: E402

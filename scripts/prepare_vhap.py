@@ -8,9 +8,7 @@ FLAME-triangle centres, images/, fg_masks/), ready for --data_root.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.config import parse_config  # noqa: E402
 from fastavatar.data.prepare_vhap import PrepareConfig, PrepareError, prepare_vhap  # noqa: E402

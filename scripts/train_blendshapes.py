@@ -14,9 +14,7 @@ PSNR/SSIM against the starting rig), TensorBoard logs and resumable checkpoints 
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastavatar.cli import run_script  # noqa: E402
 from fastavatar.config import parse_config  # noqa: E402

@@ -11,7 +11,7 @@ import torch
 from fastavatar.render import NumbaRasterConfig, rasterize, resolve_backend
 
 pytest.importorskip("numba")
-pytest.importorskip("gsplat.cuda._torch_impl")  # the dense reference uses its projection and SH
+import gsplat.cuda._torch_impl  # noqa: E402,F401  (the dense reference uses its projection and SH; pinned, so a move must fail loudly)
 
 from test_render_torch import _assert_outputs_close, _grads, _scene  # noqa: E402
 

@@ -10,7 +10,7 @@ import torch
 from fastavatar.render import RenderOutput, TorchRasterConfig, rasterize, render_splats, resolve_backend
 from fastavatar.render.rasterize_torch import rasterize_torch
 
-pytest.importorskip("gsplat.cuda._torch_impl")  # the dense reference uses its projection and SH
+import gsplat.cuda._torch_impl  # noqa: E402,F401  (the dense reference uses its projection and SH; pinned, so a move must fail loudly)
 
 N = 100
 
