@@ -274,7 +274,7 @@ class SubjectParser:
         """[H, W, 3] float32 tensor in 0..1 at ``image_scale``, composited onto ``background`` with the
         foreground mask when one exists (so any background colour is exact)."""
         native = None if self.allow_resize else (self.full_width, self.full_height)
-        rgb = load_rgb(self.image_paths[index], (self.width, self.height), native)
+        rgb = read_view_rgb(self.image_paths[index], (self.width, self.height), native)
         mask_path = self.mask_paths[index]
         if use_mask and mask_path is not None:
             mask = self.load_mask(index)
@@ -288,17 +288,17 @@ class SubjectParser:
         if path is None:
             return None
         native = None if self.allow_resize else (self.full_width, self.full_height)
-        return load_gray(path, (self.width, self.height), native)[..., None]
+        return read_view_mask(path, (self.width, self.height), native)[..., None]
 
 
-def load_rgb(path: Path, size, native=None) -> torch.Tensor:
+def read_view_rgb(path: Path, size, native=None) -> torch.Tensor:
     """Read an image as [H, W, 3] float32 0..1 resized to ``size=(W, H)``; with ``native=(W, H)``
     the file must have that size (its camera's), else :class:`SubjectDataError`."""
     return _load_resized(path, size, "RGB", "image", native)
 
 
-def load_gray(path: Path, size, native=None) -> torch.Tensor:
-    """Read a mask as [H, W] float32 0..1 resized to ``size=(W, H)`` (``native``: as load_rgb)."""
+def read_view_mask(path: Path, size, native=None) -> torch.Tensor:
+    """Read a mask as [H, W] float32 0..1 resized to ``size=(W, H)`` (``native``: as read_view_rgb)."""
     return _load_resized(path, size, "L", "mask", native)
 
 
