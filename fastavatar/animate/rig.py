@@ -26,7 +26,6 @@ frame's pose). Everything needed to animate it lives in ``rig.npz`` (float32 unl
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Dict, Optional, Type, Union

@@ -38,7 +38,7 @@ from fastavatar.core.splats import Splats, detach_splats
 from fastavatar.face.embedding import FaceError
 from fastavatar.face.framing import FramedPhoto, frame_photo
 from fastavatar.face.images import ImageError, LoadedImage, list_images, load_rgb
-from fastavatar.face.pose import PhotoCamera, estimate_camera, rotation_error_deg, yaw_pitch_roll_deg
+from fastavatar.face.pose import estimate_camera, rotation_error_deg, yaw_pitch_roll_deg
 from fastavatar.inference.per_gaussian import PerGaussianConfig, refine_gaussians
 from fastavatar.inference.refine import FitConfig, fit_to_views, mean_w
 from fastavatar.io.atomic import atomic_save_image, atomic_write_json

@@ -226,7 +226,7 @@ def train_blendshapes(cfg: BlendshapeTrainConfig) -> Dict[str, object]:
     from fastavatar.io.atomic import atomic_write_json
     from fastavatar.io.ply import save_ply
     from fastavatar.runtime import resolve_device, seed_everything
-    from fastavatar.train.common import DistEnv
+    from fastavatar.train.distributed import DistEnv
     from fastavatar.train.loop import open_run, run_training
 
     check_inputs(cfg)

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 
 from fastavatar.cli import TrainingStopped
-from fastavatar.train.distributed import DistEnv  # noqa: F401  (re-exported: its home is train/distributed.py)
 
 
 class NonFiniteLossError(TrainingStopped):

@@ -36,10 +36,9 @@ import torch.nn.functional as F
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import seed_everything
-from fastavatar.train.common import RunDir
 from fastavatar.train.distributed import (DistEnv, barrier, close_distributed, init_distributed, make_sampler,
                                           set_epoch, wrap_ddp)
-from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, restore_single_model, run_training
 
 
 @dataclass
@@ -268,12 +267,8 @@ class EncoderTask(TrainTask):
                                   scheduler_dict=self.schedulers["encoder"].state_dict(), extra=extra)
 
     def load_checkpoint(self, ckpt) -> None:
-        self.encoder.load_state_dict(ckpt["model_dict"], strict=True)
-        if ckpt.get("optimizer_dict"):
-            self.optimizers["encoder"].load_state_dict(ckpt["optimizer_dict"])
-        if ckpt.get("scheduler_dict"):
-            self.schedulers["encoder"].load_state_dict(ckpt["scheduler_dict"])
-        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.epoch, self.global_step = restore_single_model(ckpt, self.encoder, "model_dict", self.optimizers["encoder"],
+                                                            self.schedulers["encoder"])
 
     def epoch_summary(self, record) -> str:
         val = record.get("val")

@@ -46,7 +46,7 @@ from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import progress
 from fastavatar.train.common import RunDir
 from fastavatar.train.distributed import DistEnv, all_reduce_mean, broadcast_from_main, main_writes, weighted_mean
-from fastavatar.train.safety import (RunFolderError, StepGuard, continue_history, override_learning_rates,
+from fastavatar.train.safety import (StepGuard, continue_history, override_learning_rates,
                                      pick_resume_checkpoint, prepare_run_folder, remove_stale_temps, write_guard)
 
 
@@ -149,6 +149,18 @@ class TrainTask:
     def epoch_summary(self, record: Mapping[str, Any]) -> str:
         """The tail of the printed epoch line, after ``epoch N:``."""
         return f"train loss {record['train_loss']:.5f}"
+
+
+def restore_single_model(ckpt: Mapping[str, Any], model: torch.nn.Module, model_key: str,
+                         optimizer: torch.optim.Optimizer, scheduler: Any) -> tuple:
+    """Load a one-model training checkpoint (``ckpt[model_key]`` plus optional ``optimizer_dict`` and
+    ``scheduler_dict``) into ``model``/``optimizer``/``scheduler``; returns (epoch, global_step)."""
+    model.load_state_dict(ckpt[model_key], strict=True)
+    if ckpt.get("optimizer_dict"):
+        optimizer.load_state_dict(ckpt["optimizer_dict"])
+    if ckpt.get("scheduler_dict"):
+        scheduler.load_state_dict(ckpt["scheduler_dict"])
+    return int(ckpt["epoch"]), int(ckpt["global_step"])
 
 
 def _resume(task: TrainTask, cfg: TrainLoopConfig, run: RunDir, env: DistEnv):

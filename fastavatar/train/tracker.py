@@ -39,10 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data.subject_ids import normalize_subject_id
 from fastavatar.io.atomic import atomic_write_json, atomic_write_text
-from fastavatar.runtime import progress, seed_everything
-from fastavatar.train.common import RunDir
+from fastavatar.runtime import seed_everything
 from fastavatar.train.distributed import DistEnv, close_distributed, init_distributed, make_sampler, set_epoch, wrap_ddp
-from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
+from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, restore_single_model, run_training
 
 
 @dataclass
@@ -259,12 +258,8 @@ class TrackerTask(TrainTask):
                                 scheduler_dict=self.schedulers["tracker"].state_dict(), extra=extra)
 
     def load_checkpoint(self, ckpt) -> None:
-        self.tracker.load_state_dict(ckpt["model_state_dict"], strict=True)
-        if ckpt.get("optimizer_dict"):
-            self.optimizers["tracker"].load_state_dict(ckpt["optimizer_dict"])
-        if ckpt.get("scheduler_dict"):
-            self.schedulers["tracker"].load_state_dict(ckpt["scheduler_dict"])
-        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+        self.epoch, self.global_step = restore_single_model(ckpt, self.tracker, "model_state_dict",
+                                                            self.optimizers["tracker"], self.schedulers["tracker"])
         self.gen.manual_seed(self.cfg.seed + self.epoch + 1)
 
     def epoch_summary(self, record) -> str:

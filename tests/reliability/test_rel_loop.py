@@ -15,7 +15,7 @@ from fastavatar.cli import TrainingStopped
 from fastavatar.config import option
 from fastavatar.io.checkpoints.common import save_trained_model
 from fastavatar.io.integrity import read_checkpoint
-from fastavatar.train.common import DistEnv
+from fastavatar.train.distributed import DistEnv
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 from fastavatar.train.safety import RunFolderError
 
