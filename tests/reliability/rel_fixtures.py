@@ -36,7 +36,8 @@ def save_tiny_decoder(path: Path, hidden_dim: int = 16, subjects=("306",)) -> Pa
     return Path(path)
 
 
-def _member_data_offset(path: Path, suffix: str) -> tuple:
+def member_data_offset(path: Path, suffix: str) -> tuple:
+    """(offset of the member's data in the file, its size) for the first member ending in ``suffix``."""
     with zipfile.ZipFile(path) as zf:
         info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
     raw = path.read_bytes()
@@ -59,7 +60,7 @@ def make_bad_checkpoint(kind: str, path: Path, good: Path, marker: Path) -> Path
         path.write_text("this is not a checkpoint\n")
     elif kind == "bitflip":
         shutil.copyfile(good, path)
-        offset, size = _member_data_offset(path, "data/0")
+        offset, size = member_data_offset(path, "data/0")
         raw = bytearray(path.read_bytes())
         raw[offset + size // 2] ^= 0x01
         path.write_bytes(bytes(raw))

@@ -3,14 +3,13 @@ errors naming the file; files we stamp verify; released (unstamped) files still 
 
 from __future__ import annotations
 
-import struct
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastavatar.io import integrity as I
+from rel_fixtures import member_data_offset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -37,15 +36,6 @@ def _one_line_naming(exc: BaseException, path: Path) -> str:
     assert str(path) in msg, msg
     assert "\n" not in msg and "Traceback" not in msg, msg
     return msg
-
-
-def _member_data_offset(path: Path, suffix: str) -> tuple:
-    """(offset of the member's data in the file, its size) for the first member ending in ``suffix``."""
-    with zipfile.ZipFile(path) as zf:
-        info = next(i for i in zf.infolist() if i.filename.endswith(suffix))
-    raw = path.read_bytes()
-    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26: info.header_offset + 30])
-    return info.header_offset + 30 + name_len + extra_len, info.compress_size
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -114,7 +104,7 @@ def test_missing_and_directory(tmp_path):
 
 def test_bit_flip_in_a_tensor_is_caught_by_crc(tmp_path):
     path = _save(tmp_path, stamped=False)  # no stamp: the CRC alone must catch it
-    offset, size = _member_data_offset(path, "data/0")
+    offset, size = member_data_offset(path, "data/0")
     _flip(path, offset + size // 2)
     torch.load(path, weights_only=True)  # control: torch's reader does not notice
     with pytest.raises(I.CheckpointError) as err:
@@ -125,7 +115,7 @@ def test_bit_flip_in_a_tensor_is_caught_by_crc(tmp_path):
 
 def test_bit_flip_in_the_pickle_is_caught(tmp_path):
     path = _save(tmp_path)
-    offset, size = _member_data_offset(path, "data.pkl")
+    offset, size = member_data_offset(path, "data.pkl")
     _flip(path, offset + size // 3)
     with pytest.raises(I.CheckpointError) as err:
         I.read_checkpoint(path)
