@@ -129,20 +129,19 @@ class _Composite(torch.autograd.Function):
         out = torch.empty(height, width, 4, dtype=means2d.dtype)
         t_final = torch.empty(height, width, dtype=means2d.dtype)
         n_used = torch.empty(height, width, dtype=torch.int32)
-        fast_exp = means2d.dtype == torch.float32
-        _call(k.composite_forward, *arrays, offsets, ids, width, height, tile, n_chunks, fast_exp,
+        _call(k.composite_forward, *arrays, offsets, ids, width, height, tile, n_chunks,
               out.numpy(), t_final.numpy(), n_used.numpy())
-        ctx.raster = (arrays, offsets, ids, width, height, tile, fast_exp, t_final.numpy(), n_used.numpy())
+        ctx.raster = (arrays, offsets, ids, width, height, tile, t_final.numpy(), n_used.numpy())
         return out, t_final
 
     @staticmethod
     def backward(ctx, g_out, g_tfinal):
-        arrays, offsets, ids, width, height, tile, fast_exp, t_final, n_used = ctx.raster
+        arrays, offsets, ids, width, height, tile, t_final, n_used = ctx.raster
         dtype = torch.from_numpy(arrays[0][:0]).dtype
         g_out = g_out.to(dtype).contiguous().numpy()
         g_tfinal = g_tfinal.to(dtype).contiguous().numpy()
         grads = _call(_kernels().composite_backward, *arrays, offsets, ids, width, height, tile, _threads(),
-                      fast_exp, t_final, n_used, g_out, g_tfinal)
+                      t_final, n_used, g_out, g_tfinal)
         grads = torch.from_numpy(grads).to(dtype)
         return grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, 6:10], None, None, None, None
 
