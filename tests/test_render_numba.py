@@ -140,6 +140,62 @@ def test_nothing_visible_backward_works(where):
     assert params[0].grad is not None and params[0].grad.abs().max() == 0
 
 
+def _fused_vs_unfused(params, viewmats, Ks, w, h, bg, degree=3, antialiased=False):
+    """Render with the fused (compiled projection + SH) path and the torch-projection path; compare
+    images (rgb, alpha within 1e-5; depth 2e-5 relative where alpha > 1e-3) and gradients of all five
+    Gaussian tensors (1e-4 of each gradient's largest entry) under random cotangents."""
+    runs = []
+    for fused in (True, False):
+        leaves = [p.detach().clone().requires_grad_(True) for p in params]
+        out = rasterize(*leaves, viewmats, Ks, w, h, sh_degree=degree, backgrounds=bg, backend="numba",
+                        antialiased=antialiased, numba_config=NumbaRasterConfig(fused=fused))
+        runs.append((out, leaves))
+    (fused, leaves_f), (plain, leaves_p) = runs
+    torch.testing.assert_close(fused.rgb, plain.rgb, rtol=0, atol=1e-5)
+    torch.testing.assert_close(fused.alpha, plain.alpha, rtol=0, atol=1e-5)
+    drawn = plain.alpha > 1e-3
+    torch.testing.assert_close(fused.depth * drawn, plain.depth * drawn, rtol=2e-5, atol=1e-6)
+    cots = _random_cotangents(plain)
+    g_f, g_p = _grads(fused, leaves_f, cots), _grads(plain, leaves_p, cots)
+    for name, a, b in zip(NAMES, g_f, g_p):
+        scale = b.abs().max()
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4 * scale + 1e-12, msg=f"gradient of {name}")
+    return fused, g_f
+
+
+@pytest.mark.parametrize("antialiased", [False, True])
+@pytest.mark.parametrize("degree", [0, 1, 2, 3])
+def test_fused_projection_matches_torch_projection(degree, antialiased):
+    params, viewmats, Ks, bg = _scene(seed=20 + degree)
+    _, grads = _fused_vs_unfused(params, viewmats, Ks, 32, 32, bg, degree, antialiased)
+    for g in grads[:4]:  # culled Gaussians (behind the camera, below 1/255 opacity) get no gradient
+        assert g[:4].abs().max() == 0
+    if degree < 3:
+        assert grads[4][:, (degree + 1) ** 2 :].abs().max() == 0
+
+
+@pytest.mark.parametrize("background", ["random", "black", "white"])
+def test_fused_projection_backgrounds_off_screen_and_empty_tiles(background):
+    params, viewmats, Ks, bg = _scene(seed=2, cams=2, width=64, height=48)
+    params = [p.clone() for p in params]
+    params[0][:, :2] = params[0][:, :2] * 0.15 - 0.6  # one corner: most tiles empty
+    params[0][10:20, 0] += 40.0  # in front of the camera, far off screen
+    params[0][20:30, 2] = -6.0  # behind the camera
+    params[1] = params[1] * 3.0  # unnormalised quaternions (the rotation normalises them)
+    bg = {"random": bg, "black": None, "white": torch.ones(2, 3)}[background]
+    out, grads = _fused_vs_unfused(params, viewmats, Ks, 64, 48, bg, antialiased=background == "white")
+    assert (out.alpha[0, 24:, 32:] == 0).all()
+    assert grads[0][20:30].abs().max() == 0
+
+
+def test_cameras_with_gradients_take_the_torch_projection():
+    params, viewmats, Ks, bg = _scene(seed=4, cams=1)
+    viewmats = viewmats.clone().requires_grad_(True)
+    out = _render("numba", params, viewmats, Ks, 32, 32, bg)
+    out.rgb.sum().backward()
+    assert viewmats.grad is not None and viewmats.grad.abs().max() > 0
+
+
 def _template_view(scale):
     """Subject 306's template points as Gaussians, seen from camera 08 (scripts/benchmark_render.py's scene)."""
     sys.path.insert(0, str(REPO / "scripts"))

@@ -435,3 +435,388 @@ def composite_backward(means2d, conics, opacities, feats, offsets, ids, width, h
     for chunk in range(n_chunks):
         total += buffers[chunk]
     return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused projection + SH colours (forward and hand-written backward), one camera at a time.
+# The maths is that of fastavatar.render.projection / fastavatar.core.sh (the torch reference), in float64.
+
+SH_C0 = 0.28209479177387814
+SH_C1 = 0.4886025119029199
+SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
+SH_C3 = (-0.5900435899266435, 2.890611442640554, -0.4570457994644658, 0.3731763325901154, -0.4570457994644658,
+         1.445305721320277, -0.5900435899266435)
+# camera: fx, fy, cx, cy, lim_x_neg, lim_x_pos, lim_y_neg, lim_y_pos, near, far, eps2d (see _camera_params)
+N_CAM = 11
+
+
+@nb.njit(cache=True, inline="always")
+def _sh_basis(x, y, z, basis):
+    """Fill basis[0:16] with the degree-3 real SH of the unit direction (x, y, z) (core.sh.sh_terms)."""
+    basis[0] = SH_C0
+    basis[1] = -SH_C1 * y
+    basis[2] = SH_C1 * z
+    basis[3] = -SH_C1 * x
+    xx = x * x
+    yy = y * y
+    zz = z * z
+    basis[4] = SH_C2[0] * x * y
+    basis[5] = SH_C2[1] * y * z
+    basis[6] = SH_C2[2] * (2.0 * zz - xx - yy)
+    basis[7] = SH_C2[3] * x * z
+    basis[8] = SH_C2[4] * (xx - yy)
+    r = 4.0 * zz - xx - yy
+    basis[9] = SH_C3[0] * y * (3.0 * xx - yy)
+    basis[10] = SH_C3[1] * x * y * z
+    basis[11] = SH_C3[2] * y * r
+    basis[12] = SH_C3[3] * z * (2.0 * zz - 3.0 * xx - 3.0 * yy)
+    basis[13] = SH_C3[4] * x * r
+    basis[14] = SH_C3[5] * z * (xx - yy)
+    basis[15] = SH_C3[6] * x * (xx - 3.0 * yy)
+
+
+@nb.njit(cache=True, inline="always")
+def _sh_basis_grad(x, y, z, gb, n_basis):
+    """d/d(x, y, z) of sum_k gb[k] basis_k(x, y, z) for the first n_basis terms (x, y, z independent)."""
+    gx = 0.0
+    gy = 0.0
+    gz = 0.0
+    if n_basis > 1:
+        gy -= SH_C1 * gb[1]
+        gz += SH_C1 * gb[2]
+        gx -= SH_C1 * gb[3]
+    if n_basis > 4:
+        gx += SH_C2[0] * y * gb[4]
+        gy += SH_C2[0] * x * gb[4]
+        gy += SH_C2[1] * z * gb[5]
+        gz += SH_C2[1] * y * gb[5]
+        gx -= 2.0 * SH_C2[2] * x * gb[6]
+        gy -= 2.0 * SH_C2[2] * y * gb[6]
+        gz += 4.0 * SH_C2[2] * z * gb[6]
+        gx += SH_C2[3] * z * gb[7]
+        gz += SH_C2[3] * x * gb[7]
+        gx += 2.0 * SH_C2[4] * x * gb[8]
+        gy -= 2.0 * SH_C2[4] * y * gb[8]
+    if n_basis > 9:
+        xx = x * x
+        yy = y * y
+        zz = z * z
+        r = 4.0 * zz - xx - yy
+        gx += SH_C3[0] * 6.0 * x * y * gb[9]
+        gy += SH_C3[0] * 3.0 * (xx - yy) * gb[9]
+        gx += SH_C3[1] * y * z * gb[10]
+        gy += SH_C3[1] * x * z * gb[10]
+        gz += SH_C3[1] * x * y * gb[10]
+        gx -= SH_C3[2] * 2.0 * x * y * gb[11]
+        gy += SH_C3[2] * (r - 2.0 * yy) * gb[11]
+        gz += SH_C3[2] * 8.0 * y * z * gb[11]
+        gx -= SH_C3[3] * 6.0 * x * z * gb[12]
+        gy -= SH_C3[3] * 6.0 * y * z * gb[12]
+        gz += SH_C3[3] * (6.0 * zz - 3.0 * xx - 3.0 * yy) * gb[12]
+        gx += SH_C3[4] * (r - 2.0 * xx) * gb[13]
+        gy -= SH_C3[4] * 2.0 * x * y * gb[13]
+        gz += SH_C3[4] * 8.0 * x * z * gb[13]
+        gx += SH_C3[5] * 2.0 * x * z * gb[14]
+        gy -= SH_C3[5] * 2.0 * y * z * gb[14]
+        gz += SH_C3[5] * (xx - yy) * gb[14]
+        gx += SH_C3[6] * 3.0 * (xx - yy) * gb[15]
+        gy -= SH_C3[6] * 6.0 * x * y * gb[15]
+    return gx, gy, gz
+
+
+@nb.njit(cache=True, inline="always")
+def _rotation(quats, g, rm):
+    """rm [3, 3] = rotation of the normalised quaternion quats[g] (wxyz; core.rotations.quat_to_matrix).
+    Returns (w, x, y, z, 1 / max(|q|, 1e-12))."""
+    w = float(quats[g, 0])
+    x = float(quats[g, 1])
+    y = float(quats[g, 2])
+    z = float(quats[g, 3])
+    inv_n = 1.0 / max(math.sqrt(w * w + x * x + y * y + z * z), 1e-12)
+    w *= inv_n
+    x *= inv_n
+    y *= inv_n
+    z *= inv_n
+    rm[0, 0] = 1.0 - 2.0 * (y * y + z * z)
+    rm[0, 1] = 2.0 * (x * y - w * z)
+    rm[0, 2] = 2.0 * (x * z + w * y)
+    rm[1, 0] = 2.0 * (x * y + w * z)
+    rm[1, 1] = 1.0 - 2.0 * (x * x + z * z)
+    rm[1, 2] = 2.0 * (y * z - w * x)
+    rm[2, 0] = 2.0 * (x * z - w * y)
+    rm[2, 1] = 2.0 * (y * z + w * x)
+    rm[2, 2] = 1.0 - 2.0 * (x * x + y * y)
+    return w, x, y, z, inv_n
+
+
+@nb.njit(cache=True, inline="always")
+def _camera_covariance(scales, g, rm, rc, m, sc):
+    """m = R(q) diag(s); sc = Rc (m m^T) Rc^T, the camera-space covariance [3, 3]."""
+    for i in range(3):
+        for j in range(3):
+            m[i, j] = rm[i, j] * float(scales[g, j])
+    # a = Rc m, sc = a a^T
+    for i in range(3):
+        a0 = rc[i, 0] * m[0, 0] + rc[i, 1] * m[1, 0] + rc[i, 2] * m[2, 0]
+        a1 = rc[i, 0] * m[0, 1] + rc[i, 1] * m[1, 1] + rc[i, 2] * m[2, 1]
+        a2 = rc[i, 0] * m[0, 2] + rc[i, 1] * m[1, 2] + rc[i, 2] * m[2, 2]
+        sc[i, 0] = a0
+        sc[i, 1] = a1
+        sc[i, 2] = a2
+    # sc currently holds a = Rc m; form a a^T in place via a copy of the rows
+    a00, a01, a02 = sc[0, 0], sc[0, 1], sc[0, 2]
+    a10, a11, a12 = sc[1, 0], sc[1, 1], sc[1, 2]
+    a20, a21, a22 = sc[2, 0], sc[2, 1], sc[2, 2]
+    sc[0, 0] = a00 * a00 + a01 * a01 + a02 * a02
+    sc[0, 1] = a00 * a10 + a01 * a11 + a02 * a12
+    sc[0, 2] = a00 * a20 + a01 * a21 + a02 * a22
+    sc[1, 1] = a10 * a10 + a11 * a11 + a12 * a12
+    sc[1, 2] = a10 * a20 + a11 * a21 + a12 * a22
+    sc[2, 2] = a20 * a20 + a21 * a21 + a22 * a22
+    sc[1, 0] = sc[0, 1]
+    sc[2, 0] = sc[0, 2]
+    sc[2, 1] = sc[1, 2]
+
+
+@nb.njit(cache=True, inline="always")
+def _mean_camera(means, g, rc, tc):
+    mx = float(means[g, 0])
+    my = float(means[g, 1])
+    mz = float(means[g, 2])
+    tx = rc[0, 0] * mx + rc[0, 1] * my + rc[0, 2] * mz + tc[0]
+    ty = rc[1, 0] * mx + rc[1, 1] * my + rc[1, 2] * mz + tc[1]
+    tz = rc[2, 0] * mx + rc[2, 1] * my + rc[2, 2] * mz + tc[2]
+    return tx, ty, tz
+
+
+@nb.njit(parallel=True, cache=True)
+def project_forward(means, quats, scales, opacities, sh, rc, tc, centre, cam, sh_degree, antialiased, n_chunks,
+                    means2d, conics, covars2d, opac_out, feats, keep):
+    """Per Gaussian g of one camera (projection.project_gaussians, antialias_compensation, core.sh):
+
+    means [N, 3], quats [N, 4], scales [N, 3], opacities [N], sh [N, K, 3] (any float dtype); rc [3, 3],
+    tc [3] world-to-camera rotation and translation, centre [3] camera centre, cam [N_CAM] float64.
+    Writes means2d [N, 2], conics [N, 3], covars2d [N, 3] (dilated), opac_out [N] (opacity, times the
+    antialiasing factor when ``antialiased``), feats [N, 4] (rgb from SH, camera z) and keep [N] bool
+    (near < z < far, det(cov2d) > 0 and opac_out >= 1/255)."""
+    n = means.shape[0]
+    fx, fy, cx, cy = cam[0], cam[1], cam[2], cam[3]
+    eps2d = cam[10]
+    n_basis = (sh_degree + 1) * (sh_degree + 1)
+    per = (n + n_chunks - 1) // n_chunks
+    for chunk in nb.prange(n_chunks):
+        rm = np.empty((3, 3))
+        m = np.empty((3, 3))
+        sc = np.empty((3, 3))
+        basis = np.empty(16)
+        for g in range(chunk * per, min(n, (chunk + 1) * per)):
+            tx, ty, tz = _mean_camera(means, g, rc, tc)
+            depth_ok = tz > cam[8] and tz < cam[9]
+            zs = tz if depth_ok else 1.0
+            inv_z = 1.0 / zs
+            u = tx * inv_z
+            v = ty * inv_z
+            uc = min(max(u, -cam[4]), cam[5])
+            vc = min(max(v, -cam[6]), cam[7])
+            j00 = fx * inv_z
+            j02 = -fx * uc * inv_z
+            j11 = fy * inv_z
+            j12 = -fy * vc * inv_z
+            _rotation(quats, g, rm)
+            _camera_covariance(scales, g, rm, rc, m, sc)
+            c00 = j00 * j00 * sc[0, 0] + 2.0 * j00 * j02 * sc[0, 2] + j02 * j02 * sc[2, 2] + eps2d
+            c11 = j11 * j11 * sc[1, 1] + 2.0 * j11 * j12 * sc[1, 2] + j12 * j12 * sc[2, 2] + eps2d
+            c01 = j00 * j11 * sc[0, 1] + j00 * j12 * sc[0, 2] + j02 * j11 * sc[2, 1] + j02 * j12 * sc[2, 2]
+            det = c00 * c11 - c01 * c01
+            detc = max(det, 1e-10)
+            means2d[g, 0] = fx * u + cx
+            means2d[g, 1] = fy * v + cy
+            conics[g, 0] = c11 / detc
+            conics[g, 1] = -c01 / detc
+            conics[g, 2] = c00 / detc
+            covars2d[g, 0] = c00
+            covars2d[g, 1] = c01
+            covars2d[g, 2] = c11
+            o = float(opacities[g])
+            if antialiased:
+                det_orig = (c00 - eps2d) * (c11 - eps2d) - c01 * c01
+                o *= math.sqrt(max(det_orig / detc, 1e-12))
+            opac_out[g] = o
+            keep[g] = depth_ok and det > 0.0 and o >= ALPHA_THRESHOLD
+            # colour: SH of the unit direction from the camera centre to the mean
+            dxw = float(means[g, 0]) - centre[0]
+            dyw = float(means[g, 1]) - centre[1]
+            dzw = float(means[g, 2]) - centre[2]
+            inv_d = 1.0 / max(math.sqrt(dxw * dxw + dyw * dyw + dzw * dzw), 1e-12)
+            _sh_basis(dxw * inv_d, dyw * inv_d, dzw * inv_d, basis)
+            for c in range(3):
+                acc = 0.0
+                for k in range(n_basis):
+                    acc += basis[k] * float(sh[g, k, c])
+                feats[g, c] = max(acc + 0.5, 0.0)
+            feats[g, 3] = tz
+
+
+@nb.njit(parallel=True, cache=True)
+def project_backward(means, quats, scales, opacities, sh, rc, tc, centre, cam, sh_degree, antialiased, n_chunks,
+                     sel, grad10, g_means, g_quats, g_scales, g_opac, g_sh):
+    """Backward of :func:`project_forward` for the drawn Gaussians ``sel`` [G] (their composite gradient
+    grad10 [G, 10]: d/d(means2d x, y, conic a, b, c, opacity, r, g, b, z)). Adds into the float64
+    g_means [N, 3], g_quats [N, 4], g_scales [N, 3], g_opac [N], g_sh [N, K, 3] (every Gaussian
+    appears at most once in ``sel``, so chunks never write the same row)."""
+    n_sel = sel.shape[0]
+    fx, fy = cam[0], cam[1]
+    eps2d = cam[10]
+    n_basis = (sh_degree + 1) * (sh_degree + 1)
+    per = (n_sel + n_chunks - 1) // n_chunks
+    for chunk in nb.prange(n_chunks):
+        rm = np.empty((3, 3))
+        m = np.empty((3, 3))
+        sc = np.empty((3, 3))
+        gs = np.empty((3, 3))  # dL / d camera-space covariance
+        gw = np.empty((3, 3))  # dL / d world covariance
+        gm = np.empty((3, 3))  # dL / d m
+        basis = np.empty(16)
+        gb = np.zeros(16)
+        for i in range(chunk * per, min(n_sel, (chunk + 1) * per)):
+            g = sel[i]
+            gr = grad10[i]
+            # ---- recompute the forward
+            tx, ty, tz = _mean_camera(means, g, rc, tc)
+            inv_z = 1.0 / tz  # drawn => near < z < far
+            u = tx * inv_z
+            v = ty * inv_z
+            u_in = -cam[4] < u < cam[5]
+            v_in = -cam[6] < v < cam[7]
+            uc = min(max(u, -cam[4]), cam[5])
+            vc = min(max(v, -cam[6]), cam[7])
+            j00 = fx * inv_z
+            j02 = -fx * uc * inv_z
+            j11 = fy * inv_z
+            j12 = -fy * vc * inv_z
+            qw, qx, qy, qz, inv_n = _rotation(quats, g, rm)
+            _camera_covariance(scales, g, rm, rc, m, sc)
+            c00 = j00 * j00 * sc[0, 0] + 2.0 * j00 * j02 * sc[0, 2] + j02 * j02 * sc[2, 2] + eps2d
+            c11 = j11 * j11 * sc[1, 1] + 2.0 * j11 * j12 * sc[1, 2] + j12 * j12 * sc[2, 2] + eps2d
+            c01 = j00 * j11 * sc[0, 1] + j00 * j12 * sc[0, 2] + j02 * j11 * sc[2, 1] + j02 * j12 * sc[2, 2]
+            det = c00 * c11 - c01 * c01
+            detc = max(det, 1e-10)
+            # ---- opacity (and antialiasing factor)
+            o = float(opacities[g])
+            g_o_eff = gr[5]
+            g_c00 = 0.0
+            g_c01 = 0.0
+            g_c11 = 0.0
+            g_detc = 0.0
+            if antialiased:
+                det_orig = (c00 - eps2d) * (c11 - eps2d) - c01 * c01
+                ratio = det_orig / detc
+                comp = math.sqrt(max(ratio, 1e-12))
+                g_opac[g] += g_o_eff * comp
+                if ratio > 1e-12:
+                    g_ratio = g_o_eff * o * 0.5 / comp
+                    g_c00 += g_ratio * (c11 - eps2d) / detc
+                    g_c11 += g_ratio * (c00 - eps2d) / detc
+                    g_c01 += -2.0 * g_ratio * c01 / detc
+                    g_detc -= g_ratio * ratio / detc
+            else:
+                g_opac[g] += g_o_eff
+            # ---- conic = (c11, -c01, c00) / detc
+            ga = gr[2]
+            gbb = gr[3]
+            gc = gr[4]
+            g_c11 += ga / detc
+            g_c01 -= gbb / detc
+            g_c00 += gc / detc
+            g_detc -= (ga * c11 - gbb * c01 + gc * c00) / (detc * detc)
+            if det > 1e-10:
+                g_c00 += g_detc * c11
+                g_c11 += g_detc * c00
+                g_c01 -= 2.0 * g_detc * c01
+            # ---- cov2d = J sc J^T: gradients of sc (entry by entry, as written) and of J
+            for a in range(3):
+                for b in range(3):
+                    gs[a, b] = 0.0
+            gs[0, 0] = g_c00 * j00 * j00
+            gs[0, 2] = g_c00 * 2.0 * j00 * j02 + g_c01 * j00 * j12
+            gs[2, 2] = g_c00 * j02 * j02 + g_c11 * j12 * j12 + g_c01 * j02 * j12
+            gs[1, 1] = g_c11 * j11 * j11
+            gs[1, 2] = g_c11 * 2.0 * j11 * j12
+            gs[0, 1] = g_c01 * j00 * j11
+            gs[2, 1] = g_c01 * j02 * j11
+            g_j00 = g_c00 * (2.0 * j00 * sc[0, 0] + 2.0 * j02 * sc[0, 2]) + g_c01 * (j11 * sc[0, 1] + j12 * sc[0, 2])
+            g_j02 = g_c00 * (2.0 * j00 * sc[0, 2] + 2.0 * j02 * sc[2, 2]) + g_c01 * (j11 * sc[2, 1] + j12 * sc[2, 2])
+            g_j11 = g_c11 * (2.0 * j11 * sc[1, 1] + 2.0 * j12 * sc[1, 2]) + g_c01 * (j00 * sc[0, 1] + j02 * sc[2, 1])
+            g_j12 = g_c11 * (2.0 * j11 * sc[1, 2] + 2.0 * j12 * sc[2, 2]) + g_c01 * (j00 * sc[0, 2] + j02 * sc[2, 2])
+            # ---- J and means2d -> camera-space mean
+            g_inv_z = g_j00 * fx - g_j02 * fx * uc + g_j11 * fy - g_j12 * fy * vc
+            g_u = gr[0] * fx + (-g_j02 * fx * inv_z if u_in else 0.0)
+            g_v = gr[1] * fy + (-g_j12 * fy * inv_z if v_in else 0.0)
+            g_tx = g_u * inv_z
+            g_ty = g_v * inv_z
+            g_inv_z += g_u * tx + g_v * ty
+            g_tz = gr[9] - g_inv_z * inv_z * inv_z
+            for a in range(3):
+                g_means[g, a] += rc[0, a] * g_tx + rc[1, a] * g_ty + rc[2, a] * g_tz
+            # ---- sc = Rc S Rc^T -> gw = Rc^T gs Rc; S = m m^T -> gm = (gw + gw^T) m
+            for a in range(3):
+                for b in range(3):
+                    acc = 0.0
+                    for p in range(3):
+                        for q in range(3):
+                            acc += rc[p, a] * gs[p, q] * rc[q, b]
+                    gw[a, b] = acc
+            for a in range(3):
+                for b in range(3):
+                    acc = 0.0
+                    for p in range(3):
+                        acc += (gw[a, p] + gw[p, a]) * m[p, b]
+                    gm[a, b] = acc
+            # m = R diag(s): dL/ds_j = sum_i gm[i, j] R[i, j]; dL/dR[i, j] = gm[i, j] s_j (kept in gm)
+            for b in range(3):
+                s_b = float(scales[g, b])
+                acc = 0.0
+                for a in range(3):
+                    acc += gm[a, b] * rm[a, b]
+                    gm[a, b] *= s_b
+                g_scales[g, b] += acc
+            # R(q_hat) -> q_hat (core.rotations.quat_to_matrix) -> q (normalisation)
+            g_w = 2.0 * (-gm[0, 1] * qz + gm[0, 2] * qy + gm[1, 0] * qz - gm[1, 2] * qx - gm[2, 0] * qy + gm[2, 1] * qx)
+            g_x = (2.0 * (gm[0, 1] * qy + gm[0, 2] * qz + gm[1, 0] * qy - gm[1, 2] * qw + gm[2, 0] * qz
+                          + gm[2, 1] * qw) - 4.0 * qx * (gm[1, 1] + gm[2, 2]))
+            g_y = (2.0 * (gm[0, 1] * qx + gm[0, 2] * qw + gm[1, 0] * qx + gm[1, 2] * qz - gm[2, 0] * qw
+                          + gm[2, 1] * qz) - 4.0 * qy * (gm[0, 0] + gm[2, 2]))
+            g_z = (2.0 * (-gm[0, 1] * qw + gm[0, 2] * qx + gm[1, 0] * qw + gm[1, 2] * qy + gm[2, 0] * qx
+                          + gm[2, 1] * qy) - 4.0 * qz * (gm[0, 0] + gm[1, 1]))
+            dot = g_w * qw + g_x * qx + g_y * qy + g_z * qz
+            g_quats[g, 0] += (g_w - qw * dot) * inv_n
+            g_quats[g, 1] += (g_x - qx * dot) * inv_n
+            g_quats[g, 2] += (g_y - qy * dot) * inv_n
+            g_quats[g, 3] += (g_z - qz * dot) * inv_n
+            # ---- colour: rgb = max(sum_k basis_k sh_k + 0.5, 0)
+            dxw = float(means[g, 0]) - centre[0]
+            dyw = float(means[g, 1]) - centre[1]
+            dzw = float(means[g, 2]) - centre[2]
+            norm = max(math.sqrt(dxw * dxw + dyw * dyw + dzw * dzw), 1e-12)
+            dx = dxw / norm
+            dy = dyw / norm
+            dz = dzw / norm
+            _sh_basis(dx, dy, dz, basis)
+            for k in range(n_basis):
+                gb[k] = 0.0
+            for c in range(3):
+                acc = 0.0
+                for k in range(n_basis):
+                    acc += basis[k] * float(sh[g, k, c])
+                if acc + 0.5 > 0.0:
+                    g_rgb = gr[6 + c]
+                    for k in range(n_basis):
+                        g_sh[g, k, c] += basis[k] * g_rgb
+                        gb[k] += float(sh[g, k, c]) * g_rgb
+            if n_basis > 1:
+                gdx, gdy, gdz = _sh_basis_grad(dx, dy, dz, gb, n_basis)
+                # d = dir / |dir| -> (g - d (d . g)) / |dir| (norm not clamped for a drawn Gaussian in practice)
+                dd = gdx * dx + gdy * dy + gdz * dz
+                g_means[g, 0] += (gdx - dx * dd) / norm
+                g_means[g, 1] += (gdy - dy * dd) / norm
+                g_means[g, 2] += (gdz - dz * dd) / norm

@@ -1,21 +1,27 @@
 """The compiled CPU rasterizer: a gsplat-style tile rasterizer written with numba, forward and backward.
 
-Split of the work (the same split as :mod:`.rasterize_torch`):
+Split of the work (default, ``NumbaRasterConfig.fused=True``): everything is compiled
+(:mod:`._numba_kernels`), inside one ``torch.autograd.Function`` (:class:`_FusedRender`), per camera:
 
-1. In torch, with autograd: covariances, EWA projection (:mod:`.projection`), antialiasing
-   compensation, culling (near/far, opacity < 1/255), the front-to-back sort by camera z, and colours
-   from SH. Gradients of everything here come from autograd.
-2. Compiled (:mod:`._numba_kernels`), inside one ``torch.autograd.Function``:
-   - bin: every Gaussian goes into the 16 x 16 pixel tiles touched by the bounding box of its
-     alpha >= 1/255 ellipse; visiting Gaussians front to back makes every tile's list depth sorted;
-   - forward: per tile, per pixel, composite front to back with gsplat's rules and early stop; keep
-     the final transmittance and the position of the last composited pair per pixel;
-   - backward: per pixel, walk back to front from the last composited pair, undoing the
-     transmittance product, and accumulate d/d(means2d, conics, opacity, rgb, z) in per-chunk
-     buffers that are summed at the end.
+1. ``project_forward``: covariance from quaternion and scale, EWA projection (:mod:`.projection`'s
+   maths, float64), antialiasing compensation, colours from SH; culling (near/far, det, opacity
+   < 1/255) and the stable front-to-back sort by camera z (numpy) pick the drawn Gaussians;
+2. bin: every Gaussian goes into the 16 x 16 pixel tiles touched by the bounding box of its
+   alpha >= 1/255 ellipse; visiting Gaussians front to back makes every tile's list depth sorted;
+3. forward: per tile, per pixel, composite front to back with gsplat's rules and early stop; keep
+   the final transmittance and the position of the last composited pair per pixel;
+4. backward: per pixel, walk back to front from the last composited pair, undoing the
+   transmittance product, and accumulate d/d(means2d, conics, opacity, rgb, z) in per-chunk
+   buffers that are summed at the end; then ``project_backward`` (hand-written) takes those to
+   d/d(means, quats, scales, opacities, sh).
    Tiles are spread over parallel chunks (one per thread); nothing is stored per pair.
 
-CPU tensors only; float32 or float64 (the per-pair maths is float64 in both). The number of threads
+The reference path (``fused=False``, and always when the cameras require gradients) runs step 1 in
+torch with autograd (:mod:`.projection`, :func:`fastavatar.core.sh.sh_to_rgb`), as
+:mod:`.rasterize_torch` does, and only steps 2-4 compiled (:class:`_Composite`); tests hold the two
+paths to the same images (1e-5) and gradients (1e-4 relative).
+
+CPU tensors only; float32 or float64 (per-pair maths in the input dtype, projection in float64). The number of threads
 follows ``torch.get_num_threads()`` (at most numba's ``NUMBA_NUM_THREADS``); numba's "workqueue"
 thread pool is used unless ``NUMBA_THREADING_LAYER`` says otherwise.
 """
@@ -30,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from fastavatar.render.projection import (
@@ -49,6 +56,10 @@ class NumbaRasterConfig:
     # tile side in pixels: smaller tiles gather and clip each Gaussian more often, larger ones spread
     # worse over threads; 16 is gsplat's (one-thread kernel CPU time at 275x401: 8 is 10% slower, 32 4% faster)
     tile: int = 16
+    # projection, antialiasing, culling, the depth sort and SH colours compiled too, with a hand-written
+    # backward (:class:`_FusedRender`); False runs them in torch with autograd (the reference path).
+    # Cameras that require gradients always take the torch path.
+    fused: bool = True
 
 
 @lru_cache(maxsize=None)
@@ -146,6 +157,87 @@ class _Composite(torch.autograd.Function):
         return grads[:, 0:2], grads[:, 2:5], grads[:, 5], grads[:, 6:10], None, None, None, None
 
 
+def _camera_params(viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int, near: float, far: float):
+    """float64 numpy (rc [3, 3], tc [3], centre [3], cam [N_CAM]) of one camera for the fused kernels."""
+    v = viewmat.detach().double().cpu()
+    k = K.detach().double().cpu()
+    rc, tc = v[:3, :3], v[:3, 3]
+    fx, fy, cx, cy = (float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2]))
+    # the Jacobian's clamp of the camera-space mean to 1.3x the field of view (projection.project_gaussians)
+    cam = [fx, fy, cx, cy,
+           cx / fx + 0.3 * (0.5 * width / fx), (width - cx) / fx + 0.3 * (0.5 * width / fx),
+           cy / fy + 0.3 * (0.5 * height / fy), (height - cy) / fy + 0.3 * (0.5 * height / fy),
+           near, far, 0.3]
+    centre = -(rc.t() @ tc)
+    return (rc.contiguous().numpy(), tc.contiguous().numpy(), centre.contiguous().numpy(),
+            torch.tensor(cam, dtype=torch.float64).numpy())
+
+
+class _FusedRender(torch.autograd.Function):
+    """All cameras, compiled end to end: per camera :func:`._numba_kernels.project_forward` (projection,
+    antialiasing, colours), culling and the stable depth sort (numpy), binning and compositing; the
+    backward runs the composite backward, then :func:`._numba_kernels.project_backward`."""
+
+    @staticmethod
+    def forward(ctx, means, quats, scales, opacities, sh, viewmats, Ks, width: int, height: int, sh_degree: int,
+                near: float, far: float, antialiased: bool, tile: int):
+        # means [N, 3], quats [N, 4], scales [N, 3], opacities [N], sh [N, K, 3]; viewmats [C, 4, 4], Ks [C, 3, 3].
+        # Returns out [C, H, W, 4] (sum_i w_i (rgb_i, z_i)) and t_final [C, H, W].
+        k = _kernels()
+        dtype = means.dtype
+        inputs = [t.detach().contiguous().numpy() for t in (means, quats, scales, opacities, sh)]
+        n = means.shape[0]
+        n_chunks = _threads()
+        n_cams = viewmats.shape[0]
+        out = torch.empty(n_cams, height, width, 4, dtype=dtype)
+        t_final = torch.empty(n_cams, height, width, dtype=dtype)
+        saved = []
+        for c in range(n_cams):
+            camera = _camera_params(viewmats[c], Ks[c], width, height, near, far)
+            means2d = np.empty((n, 2), inputs[0].dtype)
+            conics = np.empty((n, 3), inputs[0].dtype)
+            covars2d = np.empty((n, 3), inputs[0].dtype)
+            opac = np.empty(n, inputs[0].dtype)
+            feats = np.empty((n, 4), inputs[0].dtype)
+            keep = np.empty(n, np.bool_)
+            _call(k.project_forward, *inputs, *camera, sh_degree, antialiased, n_chunks,
+                  means2d, conics, covars2d, opac, feats, keep)
+            cand = np.flatnonzero(keep)
+            sel = cand[np.argsort(feats[cand, 3], kind="stable")]  # front to back, ties by index (as torch)
+            arrays = [np.ascontiguousarray(a[sel]) for a in (means2d, conics, opac, feats)]
+            offsets, ids = _call(k.bin_tiles, arrays[0], np.ascontiguousarray(covars2d[sel]), arrays[2],
+                                 width, height, tile)
+            n_used = np.empty((height, width), np.int32)
+            _call(k.composite_forward, *arrays, offsets, ids, width, height, tile, n_chunks,
+                  out[c].numpy(), t_final[c].numpy(), n_used)
+            saved.append((camera, sel, arrays, offsets, ids, t_final[c].numpy(), n_used))
+        ctx.fused = (inputs, saved, width, height, sh_degree, antialiased, tile)
+        return out, t_final
+
+    @staticmethod
+    def backward(ctx, g_out, g_tfinal):
+        inputs, saved, width, height, sh_degree, antialiased, tile = ctx.fused
+        k = _kernels()
+        n_chunks = _threads()
+        dtype = torch.from_numpy(inputs[0][:0]).dtype
+        g_means = np.zeros(inputs[0].shape)
+        g_quats = np.zeros(inputs[1].shape)
+        g_scales = np.zeros(inputs[2].shape)
+        g_opac = np.zeros(inputs[3].shape)
+        g_sh = np.zeros(inputs[4].shape)
+        g_out = g_out.to(dtype).contiguous()
+        g_tfinal = g_tfinal.to(dtype).contiguous()
+        for c, (camera, sel, arrays, offsets, ids, t_final, n_used) in enumerate(saved):
+            if sel.shape[0] == 0:
+                continue
+            grads = _call(k.composite_backward, *arrays, offsets, ids, width, height, tile, n_chunks,
+                          t_final, n_used, g_out[c].numpy(), g_tfinal[c].numpy())
+            _call(k.project_backward, *inputs, *camera, sh_degree, antialiased, n_chunks, sel, grads,
+                  g_means, g_quats, g_scales, g_opac, g_sh)
+        grads = [torch.from_numpy(g).to(dtype) for g in (g_means, g_quats, g_scales, g_opac, g_sh)]
+        return (*grads, None, None, None, None, None, None, None, None, None)
+
+
 def rasterize_numba(
     means: torch.Tensor,  # [N, 3]
     quats: torch.Tensor,  # [N, 4] unit wxyz
@@ -169,6 +261,17 @@ def rasterize_numba(
     if means.dtype not in (torch.float32, torch.float64):
         raise RuntimeError(f"the numba render backend needs float32 or float64 tensors, got {means.dtype}")
     cfg = config or NumbaRasterConfig()
+    if cfg.fused and not (viewmats.requires_grad or Ks.requires_grad):
+        out, t_final = _FusedRender.apply(means, quats, scales, opacities, sh, viewmats, Ks, width, height,
+                                          sh_degree, near_plane, far_plane, antialiased, cfg.tile)
+        rgbs, alphas, depths = [], [], []
+        for cam in range(viewmats.shape[0]):
+            rgb, alpha, depth = finish_camera(out[cam], t_final[cam][..., None],
+                                              None if backgrounds is None else backgrounds[cam])
+            rgbs.append(rgb)
+            alphas.append(alpha)
+            depths.append(depth)
+        return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)
     covars = quat_scale_to_covar(quats, scales)
     proj = project_gaussians(means, covars, viewmats, Ks, width, height, near_plane=near_plane, far_plane=far_plane)
     centres = camera_centers(viewmats)
