@@ -759,13 +759,12 @@ def project_backward(means, quats, scales, opacities, sh, rc, tc, centre, cam, s
             for a in range(3):
                 g_means[g, a] += rc[0, a] * g_tx + rc[1, a] * g_ty + rc[2, a] * g_tz
             # ---- sc = Rc S Rc^T -> gw = Rc^T gs Rc; S = m m^T -> gm = (gw + gw^T) m
+            for p in range(3):  # gm <- gs Rc (scratch), then gw = Rc^T gm
+                for b in range(3):
+                    gm[p, b] = gs[p, 0] * rc[0, b] + gs[p, 1] * rc[1, b] + gs[p, 2] * rc[2, b]
             for a in range(3):
                 for b in range(3):
-                    acc = 0.0
-                    for p in range(3):
-                        for q in range(3):
-                            acc += rc[p, a] * gs[p, q] * rc[q, b]
-                    gw[a, b] = acc
+                    gw[a, b] = rc[0, a] * gm[0, b] + rc[1, a] * gm[1, b] + rc[2, a] * gm[2, b]
             for a in range(3):
                 for b in range(3):
                     acc = 0.0
@@ -820,3 +819,49 @@ def project_backward(means, quats, scales, opacities, sh, rc, tc, centre, cam, s
                 g_means[g, 0] += (gdx - dx * dd) / norm
                 g_means[g, 1] += (gdy - dy * dd) / norm
                 g_means[g, 2] += (gdz - dz * dd) / norm
+
+
+# ----------------------------------------------------------------------------------------------------
+# Final images of one camera (rasterize_torch.finish_camera), forward and backward.
+
+
+@nb.njit(parallel=True, cache=True)
+def finish_forward(out, t_final, background, rgb, alpha, depth):
+    """out [H, W, 4] (sum w rgb, sum w z), t_final [H, W], background [3] (zeros for none) ->
+    rgb [H, W, 3] = out_rgb + T_final background, alpha [H, W, 1] = 1 - T_final,
+    depth [H, W, 1] = out_z / max(alpha, 1e-10)."""
+    height, width = t_final.shape
+    for y in nb.prange(height):
+        for x in range(width):
+            t = t_final[y, x]
+            a = 1.0 - t
+            for c in range(3):
+                rgb[y, x, c] = out[y, x, c] + t * background[c]
+            alpha[y, x, 0] = a
+            depth[y, x, 0] = out[y, x, 3] / max(a, 1e-10)
+
+
+@nb.njit(parallel=True, cache=True)
+def finish_backward(out, t_final, background, g_rgb, g_alpha, g_depth, g_out, g_tfinal, g_background_rows):
+    """Backward of :func:`finish_forward`: writes g_out [H, W, 4], g_tfinal [H, W] and, per image row,
+    the background gradient g_background_rows [H, 3] (sum over the row of dL/drgb * T_final)."""
+    height, width = t_final.shape
+    for y in nb.prange(height):
+        for c in range(3):
+            g_background_rows[y, c] = 0.0
+        for x in range(width):
+            t = t_final[y, x]
+            a = 1.0 - t
+            a_c = max(a, 1e-10)
+            gd = g_depth[y, x, 0]
+            g_a = g_alpha[y, x, 0]
+            if a > 1e-10:  # clamp_min passes the gradient above the floor only
+                g_a -= gd * out[y, x, 3] / (a_c * a_c)
+            g_t = -g_a
+            for c in range(3):
+                g = g_rgb[y, x, c]
+                g_out[y, x, c] = g
+                g_t += g * background[c]
+                g_background_rows[y, c] += g * t
+            g_out[y, x, 3] = gd / a_c
+            g_tfinal[y, x] = g_t

@@ -175,22 +175,28 @@ def _camera_params(viewmat: torch.Tensor, K: torch.Tensor, width: int, height: i
 
 class _FusedRender(torch.autograd.Function):
     """All cameras, compiled end to end: per camera :func:`._numba_kernels.project_forward` (projection,
-    antialiasing, colours), culling and the stable depth sort (numpy), binning and compositing; the
-    backward runs the composite backward, then :func:`._numba_kernels.project_backward`."""
+    antialiasing, colours), culling and the stable depth sort (numpy), binning, compositing and the
+    final images (:func:`._numba_kernels.finish_forward`: background, alpha, normalised depth); the
+    backward runs the same steps' backward kernels in reverse order."""
 
     @staticmethod
-    def forward(ctx, means, quats, scales, opacities, sh, viewmats, Ks, width: int, height: int, sh_degree: int,
-                near: float, far: float, antialiased: bool, tile: int):
-        # means [N, 3], quats [N, 4], scales [N, 3], opacities [N], sh [N, K, 3]; viewmats [C, 4, 4], Ks [C, 3, 3].
-        # Returns out [C, H, W, 4] (sum_i w_i (rgb_i, z_i)) and t_final [C, H, W].
+    def forward(ctx, means, quats, scales, opacities, sh, backgrounds, viewmats, Ks, width: int, height: int,
+                sh_degree: int, near: float, far: float, antialiased: bool, tile: int):
+        # means [N, 3], quats [N, 4], scales [N, 3], opacities [N], sh [N, K, 3]; backgrounds [C, 3] or None;
+        # viewmats [C, 4, 4], Ks [C, 3, 3]. Returns rgb [C, H, W, 3], alpha [C, H, W, 1], depth [C, H, W, 1].
         k = _kernels()
         dtype = means.dtype
         inputs = [t.detach().contiguous().numpy() for t in (means, quats, scales, opacities, sh)]
         n = means.shape[0]
         n_chunks = _threads()
         n_cams = viewmats.shape[0]
-        out = torch.empty(n_cams, height, width, 4, dtype=dtype)
-        t_final = torch.empty(n_cams, height, width, dtype=dtype)
+        if backgrounds is None:
+            bgs = np.zeros((n_cams, 3), inputs[0].dtype)
+        else:
+            bgs = backgrounds.detach().to(dtype).contiguous().numpy()
+        rgb = torch.empty(n_cams, height, width, 3, dtype=dtype)
+        alpha = torch.empty(n_cams, height, width, 1, dtype=dtype)
+        depth = torch.empty(n_cams, height, width, 1, dtype=dtype)
         saved = []
         for c in range(n_cams):
             camera = _camera_params(viewmats[c], Ks[c], width, height, near, far)
@@ -207,35 +213,47 @@ class _FusedRender(torch.autograd.Function):
             arrays = [np.ascontiguousarray(a[sel]) for a in (means2d, conics, opac, feats)]
             offsets, ids = _call(k.bin_tiles, arrays[0], np.ascontiguousarray(covars2d[sel]), arrays[2],
                                  width, height, tile)
+            out = np.empty((height, width, 4), inputs[0].dtype)
+            t_final = np.empty((height, width), inputs[0].dtype)
             n_used = np.empty((height, width), np.int32)
-            _call(k.composite_forward, *arrays, offsets, ids, width, height, tile, n_chunks,
-                  out[c].numpy(), t_final[c].numpy(), n_used)
-            saved.append((camera, sel, arrays, offsets, ids, t_final[c].numpy(), n_used))
-        ctx.fused = (inputs, saved, width, height, sh_degree, antialiased, tile)
-        return out, t_final
+            _call(k.composite_forward, *arrays, offsets, ids, width, height, tile, n_chunks, out, t_final, n_used)
+            _call(k.finish_forward, out, t_final, bgs[c], rgb[c].numpy(), alpha[c].numpy(), depth[c].numpy())
+            saved.append((camera, sel, arrays, offsets, ids, out, t_final, n_used))
+        ctx.fused = (inputs, bgs, saved, width, height, sh_degree, antialiased, tile)
+        return rgb, alpha, depth
 
     @staticmethod
-    def backward(ctx, g_out, g_tfinal):
-        inputs, saved, width, height, sh_degree, antialiased, tile = ctx.fused
+    def backward(ctx, g_rgb, g_alpha, g_depth):
+        inputs, bgs, saved, width, height, sh_degree, antialiased, tile = ctx.fused
         k = _kernels()
         n_chunks = _threads()
-        dtype = torch.from_numpy(inputs[0][:0]).dtype
         g_means = np.zeros(inputs[0].shape)
         g_quats = np.zeros(inputs[1].shape)
         g_scales = np.zeros(inputs[2].shape)
         g_opac = np.zeros(inputs[3].shape)
         g_sh = np.zeros(inputs[4].shape)
-        g_out = g_out.to(dtype).contiguous()
-        g_tfinal = g_tfinal.to(dtype).contiguous()
-        for c, (camera, sel, arrays, offsets, ids, t_final, n_used) in enumerate(saved):
+        g_bg = np.zeros((len(saved), 3))
+        # numpy conversions (one thread) rather than torch ops: cheaper for these sizes, and they never
+        # wait at an OpenMP barrier for a busy core (cotangents of sums arrive as stride-0 views)
+        np_dtype = inputs[0].dtype
+        g_rgb, g_alpha, g_depth = (np.ascontiguousarray(g.detach().numpy(), dtype=np_dtype)
+                                   for g in (g_rgb, g_alpha, g_depth))
+        g_out = np.empty((height, width, 4), inputs[0].dtype)
+        g_tfinal = np.empty((height, width), inputs[0].dtype)
+        g_bg_rows = np.empty((height, 3))
+        for c, (camera, sel, arrays, offsets, ids, out, t_final, n_used) in enumerate(saved):
+            _call(k.finish_backward, out, t_final, bgs[c], g_rgb[c], g_alpha[c], g_depth[c], g_out, g_tfinal,
+                  g_bg_rows)
+            g_bg[c] = g_bg_rows.sum(0)
             if sel.shape[0] == 0:
                 continue
             grads = _call(k.composite_backward, *arrays, offsets, ids, width, height, tile, n_chunks,
-                          t_final, n_used, g_out[c].numpy(), g_tfinal[c].numpy())
+                          t_final, n_used, g_out, g_tfinal)
             _call(k.project_backward, *inputs, *camera, sh_degree, antialiased, n_chunks, sel, grads,
                   g_means, g_quats, g_scales, g_opac, g_sh)
-        grads = [torch.from_numpy(g).to(dtype) for g in (g_means, g_quats, g_scales, g_opac, g_sh)]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        grads = [torch.from_numpy(g.astype(np_dtype)) for g in (g_means, g_quats, g_scales, g_opac, g_sh)]
+        g_backgrounds = torch.from_numpy(g_bg.astype(np_dtype)) if ctx.needs_input_grad[5] else None
+        return (*grads, g_backgrounds, None, None, None, None, None, None, None, None, None)
 
 
 def rasterize_numba(
@@ -262,16 +280,8 @@ def rasterize_numba(
         raise RuntimeError(f"the numba render backend needs float32 or float64 tensors, got {means.dtype}")
     cfg = config or NumbaRasterConfig()
     if cfg.fused and not (viewmats.requires_grad or Ks.requires_grad):
-        out, t_final = _FusedRender.apply(means, quats, scales, opacities, sh, viewmats, Ks, width, height,
-                                          sh_degree, near_plane, far_plane, antialiased, cfg.tile)
-        rgbs, alphas, depths = [], [], []
-        for cam in range(viewmats.shape[0]):
-            rgb, alpha, depth = finish_camera(out[cam], t_final[cam][..., None],
-                                              None if backgrounds is None else backgrounds[cam])
-            rgbs.append(rgb)
-            alphas.append(alpha)
-            depths.append(depth)
-        return torch.stack(rgbs), torch.stack(alphas), torch.stack(depths)
+        return _FusedRender.apply(means, quats, scales, opacities, sh, backgrounds, viewmats, Ks, width, height,
+                                  sh_degree, near_plane, far_plane, antialiased, cfg.tile)
     covars = quat_scale_to_covar(quats, scales)
     proj = project_gaussians(means, covars, viewmats, Ks, width, height, near_plane=near_plane, far_plane=far_plane)
     centres = camera_centers(viewmats)
