@@ -227,11 +227,8 @@ class _FusedRender(torch.autograd.Function):
         inputs, bgs, saved, width, height, sh_degree, antialiased, tile = ctx.fused
         k = _kernels()
         n_chunks = _threads()
-        g_means = np.zeros(inputs[0].shape)
-        g_quats = np.zeros(inputs[1].shape)
-        g_scales = np.zeros(inputs[2].shape)
-        g_opac = np.zeros(inputs[3].shape)
-        g_sh = np.zeros(inputs[4].shape)
+        # gradients accumulate over cameras in the input dtype (each camera adds one term per Gaussian)
+        g_means, g_quats, g_scales, g_opac, g_sh = (np.zeros(a.shape, a.dtype) for a in inputs)
         g_bg = np.zeros((len(saved), 3))
         # numpy conversions (one thread) rather than torch ops: cheaper for these sizes, and they never
         # wait at an OpenMP barrier for a busy core (cotangents of sums arrive as stride-0 views)
@@ -251,7 +248,7 @@ class _FusedRender(torch.autograd.Function):
                           t_final, n_used, g_out, g_tfinal)
             _call(k.project_backward, *inputs, *camera, sh_degree, antialiased, n_chunks, sel, grads,
                   g_means, g_quats, g_scales, g_opac, g_sh)
-        grads = [torch.from_numpy(g.astype(np_dtype)) for g in (g_means, g_quats, g_scales, g_opac, g_sh)]
+        grads = [torch.from_numpy(g) for g in (g_means, g_quats, g_scales, g_opac, g_sh)]
         g_backgrounds = torch.from_numpy(g_bg.astype(np_dtype)) if ctx.needs_input_grad[5] else None
         return (*grads, g_backgrounds, None, None, None, None, None, None, None, None, None)
 
