@@ -197,6 +197,11 @@ class _FusedRender(torch.autograd.Function):
         rgb = torch.empty(n_cams, height, width, 3, dtype=dtype)
         alpha = torch.empty(n_cams, height, width, 1, dtype=dtype)
         depth = torch.empty(n_cams, height, width, 1, dtype=dtype)
+        # sort keys: camera z computed exactly as projection.project_gaussians does (same op, same rounding),
+        # so that Gaussians at (nearly) equal depth are drawn in the same order as by the torch paths
+        with torch.no_grad():
+            depth_keys = (torch.einsum("cij,nj->cni", viewmats[:, :3, :3], means)
+                          + viewmats[:, None, :3, 3])[..., 2].contiguous().numpy()
         saved = []
         for c in range(n_cams):
             camera = _camera_params(viewmats[c], Ks[c], width, height, near, far)
@@ -209,7 +214,7 @@ class _FusedRender(torch.autograd.Function):
             _call(k.project_forward, *inputs, *camera, sh_degree, antialiased, n_chunks,
                   means2d, conics, covars2d, opac, feats, keep)
             cand = np.flatnonzero(keep)
-            sel = cand[np.argsort(feats[cand, 3], kind="stable")]  # front to back, ties by index (as torch)
+            sel = cand[np.argsort(depth_keys[c, cand], kind="stable")]  # front to back, ties by index (as torch)
             arrays = [np.ascontiguousarray(a[sel]) for a in (means2d, conics, opac, feats)]
             offsets, ids = _call(k.bin_tiles, arrays[0], np.ascontiguousarray(covars2d[sel]), arrays[2],
                                  width, height, tile)
