@@ -32,6 +32,14 @@ def c2w_to_w2c(c2w: torch.Tensor) -> torch.Tensor:
     return w2c
 
 
+def project_points(X: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """[L,3] world points -> [L,2] continuous pixel coords (OpenCV camera)."""
+    w2c = c2w_to_w2c(c2w)
+    x = X @ w2c[:3, :3].T + w2c[:3, 3]
+    uv = x[:, :2] / x[:, 2:3].clamp_min(1e-6)
+    return uv @ K[:2, :2].T + K[:2, 2]
+
+
 def opengl_to_opencv_c2w(c2w_gl: torch.Tensor) -> torch.Tensor:
     """Flip the camera y and z axes: [..., 4, 4] OpenGL c2w -> OpenCV c2w."""
     return c2w_gl @ _OPENGL_TO_OPENCV.to(c2w_gl)

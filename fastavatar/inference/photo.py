@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fastavatar.config import config_to_dict, option, save_config
+from fastavatar.core.cameras import project_points
 from fastavatar.core.splats import Splats, detach_splats
 from fastavatar.face.embedding import FaceError
 from fastavatar.face.framing import FramedPhoto, frame_photo
@@ -162,16 +163,6 @@ def camera_c2w_K(base_c2w: torch.Tensor, base_K: torch.Tensor, rot: torch.Tensor
                      torch.stack([base_K[1, 0], base_K[1, 1] * scale, base_K[1, 2]]),
                      base_K[2]])
     return c2w, K
-
-
-def project_points(X: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """[L,3] world points -> [L,2] continuous pixel coords (OpenCV camera)."""
-    from fastavatar.core.cameras import c2w_to_w2c
-
-    w2c = c2w_to_w2c(c2w)
-    x = X @ w2c[:3, :3].T + w2c[:3, 3]
-    uv = x[:, :2] / x[:, 2:3].clamp_min(1e-6)
-    return uv @ K[:2, :2].T + K[:2, 2]
 
 
 def refine_camera(splats: Splats, target: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int,
