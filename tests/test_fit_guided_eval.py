@@ -196,3 +196,51 @@ def test_keep_view_dependent_colour(tiny_decoder_ckpt, parser306):
                                           render_backend="torch", keep_view_dependent=keep), show_progress=False)
         assert torch.equal(r.splats["shN"], r.initial_splats["shN"]) is keep
         assert not torch.equal(r.splats["sh0"], r.initial_splats["sh0"])
+
+
+def test_nested_choice_never_uses_the_held_out_subjects_own_score():
+    from fastavatar.eval.tuning import nested_choice
+
+    a, b = {"pg_steps": 100}, {"pg_steps": 200}
+    # a wins on 128 and 306, b wins on 369 by a margin that would flip the mean over all three
+    rows = [{"subject": "128", "point": a, "unseen_psnr": 20.0}, {"subject": "128", "point": b, "unseen_psnr": 19.5},
+            {"subject": "306", "point": a, "unseen_psnr": 20.0}, {"subject": "306", "point": b, "unseen_psnr": 19.5},
+            {"subject": "369", "point": a, "unseen_psnr": 15.0}, {"subject": "369", "point": b, "unseen_psnr": 18.0},
+            {"subject": "369", "point": {"pg_steps": 300}, "unseen_psnr": 30.0}]  # not scored everywhere: ignored
+    sel = nested_choice(rows, ["128", "306", "369"])
+    by = {p["subject"]: p for p in sel["per_subject"]}
+    assert by["369"]["chosen"] == a and by["369"]["psnr"] == 15.0  # chosen on 128 + 306, scored on 369
+    assert by["128"]["chosen_on"] == ["306", "369"] and by["128"]["chosen"] == b  # 306+369: b mean 18.75 > 17.5
+    assert sel["best_overall"] == b and sel["agreement"] == 2
+    with pytest.raises(ValueError, match="at least two subjects"):
+        nested_choice(rows, ["128"])
+
+
+def test_tune_script_runs_grid_resumes_and_rejects_unknown_fields(tmp_path, tiny_decoder_ckpt, data_root):
+    for sid in ("128", "306"):
+        (tmp_path / "loo" / sid).mkdir(parents=True)
+        (tmp_path / "loo" / sid / "decoder.pth").write_bytes(tiny_decoder_ckpt.read_bytes())
+    cmd = [sys.executable, str(REPO / "scripts" / "tune_refinement.py"), "--subjects", "128", "306",
+           "--data_root", str(data_root), "--loo_decoders", str(tmp_path / "loo" / "{subject}" / "decoder.pth"),
+           "--w_steps", "1", "--image_scale", "0.125", "--lpips_weight", "0", "--pg_lpips_weight", "0",
+           "--render_backend", "torch", "--device", "cpu", "--output_dir", str(tmp_path / "tune"),
+           "--mlp_steps", "1", "--grid", '{"pg_steps": [0, 2]}']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "tune" / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and {r["subject"] for r in rows} == {"128", "306"}
+    assert all(r["unseen_psnr"] > 10 for r in rows)
+    sel = json.loads((tmp_path / "tune" / "selection.json").read_text())
+    by = {p["subject"]: p for p in sel["per_subject"]}
+    score = {(r["subject"], json.dumps(r["point"], sort_keys=True)): r["unseen_psnr"] for r in rows}
+    for sid, other in (("128", "306"), ("306", "128")):  # each choice is the other subject's best point
+        best_on_other = max((p for (s, p) in score if s == other), key=lambda p: score[(other, p)])
+        assert json.dumps(by[sid]["chosen"], sort_keys=True) == best_on_other
+        assert by[sid]["psnr"] == score[(sid, best_on_other)]
+    assert (tmp_path / "tune" / "config.yaml").is_file() and "| 128 |" in (tmp_path / "tune" / "selection.md").read_text()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # everything done: nothing re-run
+    assert again.returncode == 0 and "[tune] subject" not in again.stdout
+    assert len((tmp_path / "tune" / "rows.jsonl").read_text().splitlines()) == 4
+    bad = subprocess.run(cmd[:-1] + ['{"pg_stepz": [1]}'], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "'pg_stepz' is not a FitConfig or PerGaussianConfig field" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1

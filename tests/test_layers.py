@@ -17,7 +17,8 @@ LAYERS = [
     ("fastavatar.io.checkpoints", 4), ("fastavatar.losses", 4),
     ("fastavatar.eval", 5),
     ("fastavatar.train", 6), ("fastavatar.inference", 6), ("fastavatar.animate", 6),
-    ("fastavatar.eval.protocol", 7), ("fastavatar.eval.photo_protocol", 7), ("fastavatar.apps", 7),
+    ("fastavatar.eval.protocol", 7), ("fastavatar.eval.photo_protocol", 7), ("fastavatar.eval.tuning", 7),
+    ("fastavatar.apps", 7),
     ("fastavatar.bench", 7), ("fastavatar.loo", 7),
 ]
 
