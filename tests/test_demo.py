@@ -25,8 +25,7 @@ def test_demo_script_end_to_end_tiny(tmp_path, data_root):
         [sys.executable, str(REPO / "scripts" / "demo.py"), "--data_root", str(data_root), "--image_scale", "0.125",
          "--template_iterations", "3", "--decoder_epochs", "1", "--decoder_hidden_dim", "16",
          "--decoder_body_layers", "1", "--w_steps", "2", "--mlp_steps", "2", "--pg_steps", "2", "--turntable_frames", "3",
-         "--camera_steps", "2", "--photo_w_steps", "2", "--photo_mlp_steps", "2",
-         "--output_dir", str(out), "--device", "cpu", "--render_backend", "torch"],
+         "--camera_steps", "2", "--output_dir", str(out), "--device", "cpu", "--render_backend", "torch"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "results on the 15 unseen views of subject 128" in proc.stdout

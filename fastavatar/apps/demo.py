@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -41,14 +41,12 @@ from fastavatar.io.atomic import atomic_save_image, atomic_write_json
 
 @dataclass
 class DemoPhotoConfig:
-    """The photo stage of the demo (step counts of configs/photo_cpu.yaml). Learning rates, loss weights,
-    renderer and the per-Gaussian stage are the calibrated fit's (``DemoConfig.fit`` / ``gaussians``)."""
+    """The photo stage of the demo. Its W / hypernetwork steps, learning rates, loss weights, renderer and
+    per-Gaussian stage are the calibrated fit's (``DemoConfig.fit`` / ``gaussians``, as configs/photo_cpu.yaml)."""
 
     photo: bool = option(True, "also reconstruct the test subject from a plain photo (a copy of its input-view image, "
                                "no calibration) by the camera-free mode; needs the [face] extra (--no-photo: skip)")
     camera: CameraFitConfig = option(CameraFitConfig(), "the photo mode's camera stage (PnP, then pose + focal)")
-    photo_w_steps: int = option(30, "photo mode: W steps")
-    photo_mlp_steps: int = option(30, "photo mode: hypernetwork steps")
 
 
 @dataclass
@@ -67,8 +65,9 @@ class DemoConfig:
     views_per_subject: int = option(3, "views rendered per decoder pass during training")
     decoder_mlp_lr: float = option(1e-3, "decoder MLP learning rate (larger than official for a short CPU run)")
     decoder_w_lr: float = option(1e-2, "decoder W learning rate")
-    fit: FitConfig = option(FitConfig(w_steps=60, mlp_steps=60, w_lr=1e-2, mlp_lr=1e-3),
-                            "the single-view fit (renderer for every stage: --render_backend)")
+    fit: FitConfig = option(FitConfig(w_steps=30, mlp_steps=0, w_lr=1e-2, mlp_lr=1e-3),
+                            "the single-view fit, calibrated and photo (no hypernetwork phase: the per-Gaussian stage "
+                            "does better, README 'Evaluation protocol'; renderer for every stage: --render_backend)")
     gaussians: PerGaussianConfig = option(PerGaussianConfig(), "per-Gaussian stage after the fit (--no-per_gaussian: off)")
     photo: DemoPhotoConfig = option(DemoPhotoConfig(), "the same subject from a plain photo (camera-free mode)")
     turntable_frames: int = option(36, "frames in the turntable GIF")
@@ -145,7 +144,7 @@ def reconstruct_from_photo(cfg: DemoConfig, decoder, w_vectors, test: SubjectPar
     # the demo's decoder has its own W space: no official W encoder or tracker (mean W, template points)
     photo_cfg = PhotoConfig(image=str(photo_path), encoder_checkpoint="", dino_checkpoint="",
                             camera=cfg.photo.camera, gaussians=cfg.gaussians, lpips_net="alex",
-                            fit=replace(cfg.fit, w_steps=cfg.photo.photo_w_steps, mlp_steps=cfg.photo.photo_mlp_steps),
+                            fit=cfg.fit,
                             image_scale=cfg.image_scale, output_dir=str(out), device=cfg.device, seed=cfg.seed)
     seed_everything(cfg.seed)
     t0 = time.time()
