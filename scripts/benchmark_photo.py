@@ -1,9 +1,8 @@
 #!/usr/bin/env python
 """Benchmark photo -> splats of the camera-free mode with the given decoder and an official-size one; prints JSON.
 
-    python scripts/benchmark_photo.py --image data/nersemble/128/images/00000_08.png \\
-        --decoder_checkpoint outputs/loo/128/decoder_run/checkpoints/latest.pth --image_scale 0.25 \\
-        --camera_steps 20 --w_steps 60 --mlp_steps 60 --pg_steps 100 --w_lr 1e-2 --mlp_lr 1e-3
+    python scripts/benchmark_photo.py --config configs/photo_cpu.yaml --image data/nersemble/128/images/00000_08.png \\
+        --decoder_checkpoint outputs/loo/128/decoder_run/checkpoints/latest.pth
 """
 
 import json
