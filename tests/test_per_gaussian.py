@@ -137,3 +137,9 @@ def test_mismatched_images_are_a_clear_error(parser306):
     with pytest.raises(ValueError, match="do not match"):
         refine_gaussians(splats, torch.zeros(1, 10, 10, 3), parser306.c2w[8:9], parser306.Ks[8:9], parser306.width,
                          parser306.height, PerGaussianConfig(pg_steps=1), show_progress=False, render_backend="torch")
+
+
+def test_zero_position_bound_keeps_means_fixed(parser306):
+    splats, _, _, _, result = _stage(parser306, PerGaussianConfig(pg_steps=2, pg_position_bound=0.0))
+    assert torch.equal(result.splats["means"], splats["means"])
+    assert not torch.equal(result.splats["sh0"], splats["sh0"])
