@@ -289,13 +289,13 @@ def print_summary(summary: dict) -> None:
     photo = summary.get("photo_mode")
     if photo is not None:
         print("  from a plain photo (camera-free: no camera, mask or points; aligned to the subject by Procrustes):")
-        for name, label in (("photo_w_mlp", "photo, W + MLP     "), ("photo", "photo mode         ")):
+        for name, label in (("photo_w_mlp", "photo, W/MLP fit   "), ("photo", "photo mode         ")):
             print(f"    {label} {fmt(unseen[name])}")
         print(f"    camera: PnP rotation error {photo['pnp_rotation_error_deg']:.1f} deg "
               f"(refined {photo['refined_rotation_error_deg']:.1f}); photo beats template: "
               f"{summary['photo_beats_template_psnr']}")
     print("  from the calibrated view (its camera and the subject's points):")
-    for name, label in (("fit", "W + MLP fit        "), ("final", "+ per-Gaussian     ")):
+    for name, label in (("fit", "W/MLP fit          "), ("final", "+ per-Gaussian     ")):
         print(f"    {label} {fmt(unseen[name])}")
     print(f"    fit beats template: {summary['fit_beats_template_psnr']}")
     print("[demo] outputs:")
