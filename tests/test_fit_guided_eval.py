@@ -244,3 +244,7 @@ def test_tune_script_runs_grid_resumes_and_rejects_unknown_fields(tmp_path, tiny
     bad = subprocess.run(cmd[:-1] + ['{"pg_stepz": [1]}'], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "'pg_stepz' is not a FitConfig or PerGaussianConfig field" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+    one = subprocess.run(cmd[:3] + ["128"] + cmd[5:-2] + ["--output_dir", str(tmp_path / "one")], capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 1 and "needs at least two held-out subjects" in one.stderr
+    assert not (tmp_path / "one").exists()  # refused before any work

@@ -125,6 +125,8 @@ def run_tuning(cfg: TuningConfig) -> dict:
     """Run the grid (skipping rows already in ``rows.jsonl``), then the nested choice."""
     from fastavatar.io.checkpoints import load_decoder
 
+    if len(set(cfg.subjects)) < 2:
+        raise ValueError(f"--subjects {cfg.subjects}: the nested choice needs at least two held-out subjects")
     grid = parse_grid(cfg.grid)
     points = grid_points(grid)
     out = Path(cfg.output_dir)
