@@ -589,6 +589,26 @@ def _mean_camera(means, g, rc, tc):
     return tx, ty, tz
 
 
+@nb.njit(cache=True, inline="always")
+def _projected_covariance(tx, ty, z, fx, fy, cam, sc, eps2d):
+    """EWA projection of the camera-space covariance sc [3, 3] of a mean (tx, ty) at depth z: the
+    normalised image coordinates (u, v), the same clamped to the frustum margins (uc, vc), the Jacobian
+    entries there (j00, j02, j11, j12) and the dilated 2D covariance (c00, c01, c11)."""
+    inv_z = 1.0 / z
+    u = tx * inv_z
+    v = ty * inv_z
+    uc = min(max(u, -cam[4]), cam[5])
+    vc = min(max(v, -cam[6]), cam[7])
+    j00 = fx * inv_z
+    j02 = -fx * uc * inv_z
+    j11 = fy * inv_z
+    j12 = -fy * vc * inv_z
+    c00 = j00 * j00 * sc[0, 0] + 2.0 * j00 * j02 * sc[0, 2] + j02 * j02 * sc[2, 2] + eps2d
+    c11 = j11 * j11 * sc[1, 1] + 2.0 * j11 * j12 * sc[1, 2] + j12 * j12 * sc[2, 2] + eps2d
+    c01 = j00 * j11 * sc[0, 1] + j00 * j12 * sc[0, 2] + j02 * j11 * sc[2, 1] + j02 * j12 * sc[2, 2]
+    return u, v, uc, vc, j00, j02, j11, j12, c00, c01, c11
+
+
 @nb.njit(parallel=True, cache=True)
 def project_forward(means, quats, scales, opacities, sh, rc, tc, centre, cam, sh_degree, antialiased, n_chunks,
                     means2d, conics, covars2d, opac_out, feats, keep):
@@ -612,21 +632,10 @@ def project_forward(means, quats, scales, opacities, sh, rc, tc, centre, cam, sh
         for g in range(chunk * per, min(n, (chunk + 1) * per)):
             tx, ty, tz = _mean_camera(means, g, rc, tc)
             depth_ok = tz > cam[8] and tz < cam[9]
-            zs = tz if depth_ok else 1.0
-            inv_z = 1.0 / zs
-            u = tx * inv_z
-            v = ty * inv_z
-            uc = min(max(u, -cam[4]), cam[5])
-            vc = min(max(v, -cam[6]), cam[7])
-            j00 = fx * inv_z
-            j02 = -fx * uc * inv_z
-            j11 = fy * inv_z
-            j12 = -fy * vc * inv_z
             _rotation(quats, g, rm)
             _camera_covariance(scales, g, rm, rc, m, sc)
-            c00 = j00 * j00 * sc[0, 0] + 2.0 * j00 * j02 * sc[0, 2] + j02 * j02 * sc[2, 2] + eps2d
-            c11 = j11 * j11 * sc[1, 1] + 2.0 * j11 * j12 * sc[1, 2] + j12 * j12 * sc[2, 2] + eps2d
-            c01 = j00 * j11 * sc[0, 1] + j00 * j12 * sc[0, 2] + j02 * j11 * sc[2, 1] + j02 * j12 * sc[2, 2]
+            u, v, _, _, j00, j02, j11, j12, c00, c01, c11 = _projected_covariance(
+                tx, ty, tz if depth_ok else 1.0, fx, fy, cam, sc, eps2d)
             det = c00 * c11 - c01 * c01
             detc = max(det, 1e-10)
             means2d[g, 0] = fx * u + cx
@@ -683,22 +692,14 @@ def project_backward(means, quats, scales, opacities, sh, rc, tc, centre, cam, s
             gr = grad10[i]
             # ---- recompute the forward
             tx, ty, tz = _mean_camera(means, g, rc, tc)
-            inv_z = 1.0 / tz  # drawn => near < z < far
-            u = tx * inv_z
-            v = ty * inv_z
-            u_in = -cam[4] < u < cam[5]
-            v_in = -cam[6] < v < cam[7]
-            uc = min(max(u, -cam[4]), cam[5])
-            vc = min(max(v, -cam[6]), cam[7])
-            j00 = fx * inv_z
-            j02 = -fx * uc * inv_z
-            j11 = fy * inv_z
-            j12 = -fy * vc * inv_z
             qw, qx, qy, qz, inv_n = _rotation(quats, g, rm)
             _camera_covariance(scales, g, rm, rc, m, sc)
-            c00 = j00 * j00 * sc[0, 0] + 2.0 * j00 * j02 * sc[0, 2] + j02 * j02 * sc[2, 2] + eps2d
-            c11 = j11 * j11 * sc[1, 1] + 2.0 * j11 * j12 * sc[1, 2] + j12 * j12 * sc[2, 2] + eps2d
-            c01 = j00 * j11 * sc[0, 1] + j00 * j12 * sc[0, 2] + j02 * j11 * sc[2, 1] + j02 * j12 * sc[2, 2]
+            # drawn => near < z < far, so z itself was the forward's depth
+            u, v, uc, vc, j00, j02, j11, j12, c00, c01, c11 = _projected_covariance(tx, ty, tz, fx, fy, cam, sc,
+                                                                                       eps2d)
+            inv_z = 1.0 / tz
+            u_in = -cam[4] < u < cam[5]
+            v_in = -cam[6] < v < cam[7]
             det = c00 * c11 - c01 * c01
             detc = max(det, 1e-10)
             # ---- opacity (and antialiasing factor)
