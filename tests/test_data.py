@@ -119,3 +119,20 @@ def test_dataset_items(data_root):
     assert item["subject_id"] == "369" and item["view_index"] == 8 and item["subject_index"] == 1
     assert item["image"].shape == (200, 138, 3) and item["mask"].shape == (200, 138, 1)
     assert item["points"].shape == (10144, 3) and item["K"].shape == (3, 3)
+
+
+def test_image_size_reads_the_header_and_names_a_bad_file(tmp_path):
+    """One reader of image sizes serves the dataset, the VHAP preparer and the monocular loader: it reads
+    (width, height) from the header and turns an unreadable file into the caller's one-line error."""
+    from PIL import Image
+
+    from fastavatar.data.image_files import image_size
+    from fastavatar.data.prepare_vhap import PrepareError
+
+    good = tmp_path / "view.png"
+    Image.new("RGB", (7, 5)).save(good)
+    assert image_size(good) == (7, 5)
+    bad = tmp_path / "mask.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(PrepareError, match=r"mask\.png: cannot read mask"):
+        image_size(bad, PrepareError, "mask")

@@ -232,6 +232,48 @@ def test_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "latest.pth").exists()
 
 
+def _refused_folder_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Two ranks open a run folder that holds another run's checkpoint; records how each rank ended."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from fastavatar.train.distributed import all_reduce_mean, close_distributed, init_distributed
+    from fastavatar.train.loop import TrainLoopConfig, open_run
+    from fastavatar.train.safety import RunFolderError
+
+    env = init_distributed("cpu", "auto")
+    cfg = TrainLoopConfig(output_dir=str(Path(out_dir) / "run"), max_epochs=1, progress=False)
+    try:
+        open_run(cfg, env, tensorboard=False)
+        all_reduce_mean(1.0, env)  # the first collective of training: a rank that went on would wait here
+        outcome = "opened"
+    except RunFolderError as exc:
+        outcome = f"refused: {exc}"
+    (Path(out_dir) / f"{rank}.txt").write_text(outcome)
+    close_distributed(env)
+
+
+def test_refused_run_folder_stops_every_rank(tmp_path):
+    """Only rank 0 checks the run folder; when it refuses one (another run's checkpoints, no --resume or
+    --overwrite), every rank must stop with the same line instead of going on to train and hang."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest.pth").write_bytes(b"another run's checkpoint")
+    ctx = mp.start_processes(_refused_folder_worker, args=(2, free_port(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")
+    import time
+
+    t0 = time.monotonic()
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() - t0 > 120.0:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung after rank 0 refused the run folder")
+    outcomes = [(tmp_path / f"{rank}.txt").read_text() for rank in range(2)]
+    assert all(o.startswith("refused:") and "--resume" in o for o in outcomes), outcomes
+    assert outcomes[0] == outcomes[1]
+    assert (tmp_path / "run" / "checkpoints" / "latest.pth").read_bytes() == b"another run's checkpoint"
+
+
 def test_single_process_env():
     env = DistEnv.single("cpu")
     assert not env.distributed and env.is_main

@@ -46,7 +46,7 @@ class DemoPhotoConfig:
 
     photo: bool = option(True, "also reconstruct the test subject from a plain photo (a copy of its input-view image, "
                                "no calibration) by the camera-free mode; needs the [face] extra (--no-photo: skip)")
-    camera: CameraFitConfig = option(CameraFitConfig(), "the photo mode's camera stage (PnP, then pose + focal)")
+    camera: CameraFitConfig = option(CameraFitConfig(), "the photo mode's camera stage (PnP, then the camera's rotation against the photo)")
 
 
 @dataclass

@@ -174,18 +174,14 @@ class SubjectParser:
         """Every image and mask must be a readable image of its camera's size (unless
         ``allow_resize``): checked now, from the file headers, so a bad file stops the run at the
         start rather than when its view is first drawn."""
-        from PIL import Image
+        from fastavatar.data.image_files import image_size
 
         native = (self.full_width, self.full_height)
         for what, paths in (("image", self.image_paths), ("mask", self.mask_paths)):
             for path in paths:
                 if path is None:
                     continue
-                try:
-                    with Image.open(path) as img:
-                        size = img.size
-                except (OSError, ValueError) as exc:
-                    raise SubjectDataError(f"{path}: cannot read {what} ({exc})") from None
+                size = image_size(path, SubjectDataError, what)
                 if size != native and not self.allow_resize:
                     raise SubjectDataError(
                         f"{path}: {what} is {size[0]}x{size[1]} but its COLMAP camera is {native[0]}x{native[1]}; "

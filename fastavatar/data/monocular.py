@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fastavatar.core.cameras import c2w_to_w2c, opengl_to_opencv_c2w, scale_intrinsics, scaled_size
+from fastavatar.data.image_files import image_size
 
 DRIVING_KEYS = ("expr", "rotation", "neck_pose", "jaw_pose", "eyes_pose", "translation")
 Layout = Literal["insta", "vhap"]
@@ -115,16 +116,6 @@ def _read_image(path: Path, size, mode: str) -> torch.Tensor:
     except OSError as exc:
         raise SequenceError(f"{path}: cannot read image ({exc})") from None
     return torch.from_numpy(arr)
-
-
-def _image_size(path: Path) -> Tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except OSError as exc:
-        raise SequenceError(f"{path}: cannot read image ({exc})") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +230,7 @@ def _load_insta(root: Path, max_frames: Optional[int]) -> MonocularSequence:
         w2c = torch.eye(4, dtype=torch.float64)
         w2c[:3, :3], w2c[:3, 3] = rot.reshape(3, 3), t.reshape(3)
         image_path = images[path.stem]
-        width, height = _image_size(image_path)
+        width, height = image_size(image_path, SequenceError)
         params = {
             "expr": exp,
             "jaw_pose": matrix_to_axis_angle(rotation_6d_to_matrix(jaw)).reshape(1, 3),
@@ -283,7 +274,7 @@ def _load_vhap(root: Path, max_frames: Optional[int]) -> MonocularSequence:
         get = lambda k: e.get(k, meta.get(k))  # noqa: E731
         if any(get(k) is None for k in ("fl_x", "fl_y", "cx", "cy")):
             raise SequenceError(f"{meta_path}: frame {e['file_path']} has no intrinsics (fl_x, fl_y, cx, cy)")
-        width, height = _image_size(image_path)
+        width, height = image_size(image_path, SequenceError)
         if get("w") is not None and (int(get("w")), int(get("h"))) != (width, height):
             raise SequenceError(f"{image_path}: image is {width}x{height} but {meta_path.name} says {get('w')}x{get('h')}")
         K = torch.tensor([[get("fl_x"), 0.0, get("cx")], [0.0, get("fl_y"), get("cy")], [0.0, 0.0, 1.0]])

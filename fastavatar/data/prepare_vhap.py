@@ -44,6 +44,7 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from fastavatar import NUM_TEMPLATE_GAUSSIANS
+from fastavatar.data.image_files import image_size
 
 PathLike = Union[str, os.PathLike]
 TRANSFORMS_SPLITS = ("transforms_train.json", "transforms_val.json", "transforms_test.json")
@@ -151,16 +152,6 @@ def _intrinsics(frame: dict, meta: dict, path: Path) -> Tuple[np.ndarray, int, i
     return K, int(round(values["w"])), int(round(values["h"]))
 
 
-def _image_size(path: Path) -> Tuple[int, int]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except OSError as exc:
-        raise PrepareError(f"{path}: cannot read image ({exc})") from None
-
-
 def select_frames(vhap_dir: Path, cfg: PrepareConfig) -> Tuple[int, List[Frame], Path, dict]:
     """The chosen timestep's frames, checked (files exist, one frame per camera, sizes agree)."""
     tpath, meta, records = read_transforms(vhap_dir, cfg.transforms)
@@ -206,11 +197,11 @@ def select_frames(vhap_dir: Path, cfg: PrepareConfig) -> Tuple[int, List[Frame],
         if flame is not None and not flame.is_file():
             raise PrepareError(f"{flame}: missing FLAME parameters (listed in {tpath.name})")
         K, w, h = _intrinsics(r, meta, tpath)
-        actual = _image_size(image)
+        actual = image_size(image, PrepareError)
         if actual != (w, h):
             raise PrepareError(f"{image}: image is {actual[0]}x{actual[1]} but {tpath.name} says {w}x{h}")
-        if mask is not None and _image_size(mask) != (w, h):
-            ms = _image_size(mask)
+        if mask is not None and image_size(mask, PrepareError, "mask") != (w, h):
+            ms = image_size(mask, PrepareError, "mask")
             raise PrepareError(f"{mask}: mask is {ms[0]}x{ms[1]} but its image is {w}x{h}")
         c2w = np.asarray(r["transform_matrix"], dtype=np.float64)
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():

@@ -11,7 +11,8 @@ Stages (each timed in ``summary.json``):
    is reported as a cross-check (angle between the two);
 4. **framing**: the photo cropped and scaled like the training views and composited on white with
    the matte of the framed image (:mod:`fastavatar.face.framing`);
-5. **refinement against the photo**: the camera (pose + focal, photometric + landmark terms),
+5. **refinement against the photo**: the camera (its rotation by default; position and focal on
+   request; photometric + landmark terms),
    then W, then the hypernetwork (:func:`fastavatar.inference.refine.fit_to_views`), then the
    per-Gaussian stage (:func:`fastavatar.inference.per_gaussian.refine_gaussians`).
 
@@ -51,8 +52,13 @@ class CameraFitConfig:
     """The camera stage: PnP, then photometric + landmark refinement of pose and focal."""
 
     focal: float = option(0.0, "photo focal length in pixels when known (0: estimate it by PnP)")
-    camera_steps: int = option(20, "camera refinement steps (pose + focal) against the photo, before W")
+    camera_steps: int = option(20, "camera refinement steps against the photo, before W (0: keep the PnP camera)")
     camera_lr: float = option(1e-3, "camera refinement learning rate (radians / metres / log-focal units)")
+    camera_rotation: bool = option(True, "refine the camera's rotation (about its centre)")
+    camera_translation: bool = option(
+        False, "also refine its position (off by default: on the bundled leave-one-out photos it cost 0.5 dB "
+               "on unseen views, pulling the template's silhouette onto the person's)")
+    camera_focal: bool = option(False, "also refine the focal length (off by default: it cost 0.2 dB there)")
     landmark_weight: float = option(
         0.05, "weight of the landmark reprojection term (mean error / image height) in the camera stage: keeps the "
               "photometric term from drifting the pose while letting it correct PnP")
@@ -168,22 +174,24 @@ def camera_c2w_K(base_c2w: torch.Tensor, base_K: torch.Tensor, rot: torch.Tensor
 def refine_camera(splats: Splats, target: torch.Tensor, c2w: torch.Tensor, K: torch.Tensor, width: int, height: int,
                   landmarks_3d: torch.Tensor, landmarks_2d: torch.Tensor, cfg: PhotoConfig, lpips_model=None,
                   show_progress: bool = True):
-    """Adam on a camera-frame rotation, translation and log-focal so the (fixed) splats' render and the
-    landmark projections match the framed photo. Returns (c2w [4,4], K [3,3], losses)."""
+    """Adam on a camera-frame rotation and, when ``cfg.camera`` says so, translation and log-focal, so the
+    (fixed) splats' render and the landmark projections match the framed photo. Returns (c2w [4,4], K [3,3],
+    losses)."""
     from fastavatar.losses import photometric_loss
     from fastavatar.render import render_splats
 
     device = target.device
-    rot = torch.zeros(3, device=device, requires_grad=True)
-    trans = torch.zeros(3, device=device, requires_grad=True)
-    log_focal = torch.zeros((), device=device, requires_grad=True)
+    cam_cfg, fit = cfg.camera, cfg.fit
+    rot = torch.zeros(3, device=device, requires_grad=cam_cfg.camera_rotation)
+    trans = torch.zeros(3, device=device, requires_grad=cam_cfg.camera_translation)
+    log_focal = torch.zeros((), device=device, requires_grad=cam_cfg.camera_focal)
     fixed = detach_splats(splats)
     losses: List[float] = []
-    cam_cfg, fit = cfg.camera, cfg.fit
-    if cam_cfg.camera_steps <= 0:
+    free = [p for p in (rot, trans, log_focal) if p.requires_grad]
+    if cam_cfg.camera_steps <= 0 or not free:
         return c2w, K, losses
     # metres and radians move the image by similar amounts at ~1 m: one learning rate for both
-    optimizer = torch.optim.Adam([rot, trans, log_focal], lr=cam_cfg.camera_lr)
+    optimizer = torch.optim.Adam(free, lr=cam_cfg.camera_lr)
     for _ in progress(range(cam_cfg.camera_steps), show_progress, desc="fit camera", leave=False):
         c2w_i, K_i = camera_c2w_K(c2w, K, rot, trans, log_focal)
         rgb = render_splats(fixed, c2w_i, K_i, width, height, sh_degree=fit.sh_degree, backend=fit.render_backend).rgb
@@ -454,11 +462,6 @@ def _unique_stems(paths: List[Path]) -> List[str]:
         seen[p.stem] = n + 1
         out.append(p.stem if n == 0 else f"{p.stem}_{n}")
     return out
-
-
-def identity_degrees() -> tuple:
-    """Yaw offsets (degrees) at which the protocol scores ArcFace identity: the input camera and +-30."""
-    return (0.0, -30.0, 30.0)
 
 
 def yaw_camera(c2w: torch.Tensor, target: torch.Tensor, degrees: float) -> torch.Tensor:

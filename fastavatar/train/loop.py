@@ -46,7 +46,7 @@ from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import progress
 from fastavatar.train.common import RunDir
 from fastavatar.train.distributed import DistEnv, all_reduce_mean, broadcast_from_main, main_writes, weighted_mean
-from fastavatar.train.safety import (StepGuard, continue_history, override_learning_rates,
+from fastavatar.train.safety import (RunFolderError, StepGuard, continue_history, override_learning_rates,
                                      pick_resume_checkpoint, prepare_run_folder, remove_stale_temps, write_guard)
 
 
@@ -93,10 +93,18 @@ def open_run(cfg: TrainLoopConfig, env: DistEnv, **run_kwargs: Any) -> RunDir:
     """The run folder for ``cfg``: claimed (see :func:`fastavatar.train.safety.prepare_run_folder`),
     cleaned of temp files from interrupted writes, then opened. Call before writing anything."""
     cfg.check()
+    refused = None
     if env.is_main:
-        prepare_run_folder(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
-        out = Path(cfg.output_dir)
-        remove_stale_temps([out, out / "checkpoints", out / "images", out / "stats"])
+        try:
+            prepare_run_folder(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
+            out = Path(cfg.output_dir)
+            remove_stale_temps([out, out / "checkpoints", out / "images", out / "stats"])
+        except RunFolderError as exc:
+            refused = str(exc)
+    # every rank waits for rank 0's check and stops with its line (rather than hanging at the first all-reduce)
+    refused = broadcast_from_main(refused, env)
+    if refused is not None:
+        raise RunFolderError(refused)
     with write_guard(Path(cfg.output_dir), "create the run folder"):
         return RunDir(Path(cfg.output_dir), is_main=env.is_main, **run_kwargs)
 
