@@ -89,3 +89,19 @@ def test_demo_without_face_runtime_is_one_line(tmp_path, data_root):
     assert len(lines) == 1 and "ai-edge-litert" in lines[0] and 'pip install -e ".[face]"' in lines[0], proc.stderr
     assert "--no-photo" in lines[0] and "Traceback" not in proc.stderr
     assert not out.exists()  # nothing was written or trained
+
+
+def test_demo_refuses_an_earlier_demo_before_any_work(tmp_path, data_root):
+    """A second demo into the same folder stops at once with one line naming --overwrite (not after the
+    template stage, and without touching the earlier decoder)."""
+    out = tmp_path / "demo"
+    checkpoints = out / "decoder_run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest.pth").write_bytes(b"the earlier demo's decoder")
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--data_root", str(data_root),
+                           "--output_dir", str(out), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "earlier demo" in lines[0] and "--overwrite" in lines[0], proc.stderr
+    assert "[demo] 1/5" not in proc.stdout and not (out / "template.ply").exists()
+    assert (checkpoints / "latest.pth").read_bytes() == b"the earlier demo's decoder"

@@ -163,9 +163,21 @@ def reconstruct_from_photo(cfg: DemoConfig, decoder, w_vectors, test: SubjectPar
     return rec, scored, photo_path, timings
 
 
+def check_output_folder(cfg: DemoConfig) -> None:
+    """Before any work: an earlier demo's decoder in ``output_dir`` is replaced only with ``--overwrite``
+    (training would refuse it after the template stage otherwise)."""
+    from fastavatar.train.safety import RunFolderError, existing_checkpoints
+
+    found = existing_checkpoints(Path(cfg.output_dir) / "decoder_run" / "checkpoints")
+    if found and not cfg.overwrite:
+        raise RunFolderError(f"{cfg.output_dir} holds an earlier demo (decoder_run/checkpoints/{found[0].name}); "
+                             "pass --overwrite to replace it, or choose another --output_dir")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     t_start = time.time()
     out = Path(cfg.output_dir)
+    check_output_folder(cfg)
     face_stage = check_photo_stage(cfg)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
