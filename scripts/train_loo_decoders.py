@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train the leave-one-out decoders the evaluation protocols score held-out subjects with:
 for each of 128, 306, 369, the demo's template + decoder trained on the other two (camera 08 held out,
-1/4 scale), into outputs/loo/<held_out>/decoder_run/checkpoints/latest.pth (about 3.5 min each on a
+1/4 scale), into outputs/loo/<held_out>/decoder_run/checkpoints/latest.pth (about 4 min each on a
 free 2-core CPU).
 
     python scripts/train_loo_decoders.py                   # all three, sequentially

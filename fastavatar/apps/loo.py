@@ -38,6 +38,24 @@ def loo_checkpoint(output_dir: str, held_out: str) -> Path:
     return Path(output_dir) / held_out / "decoder_run" / "checkpoints" / "latest.pth"
 
 
+def check_same_setup(ckpt: Path) -> None:
+    """An existing leave-one-out decoder is reused only if it was trained for the demo setup's epochs
+    (read from its run folder's config.yaml; a folder without one cannot tell and is reused)."""
+    import yaml
+
+    saved = ckpt.parent.parent / "config.yaml"
+    if not saved.is_file():
+        return
+    try:
+        epochs = (yaml.safe_load(saved.read_text()) or {}).get("max_epochs")
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{saved}: not a readable config ({str(exc).splitlines()[0]})") from None
+    wanted = DemoConfig().decoder_epochs
+    if epochs is not None and int(epochs) != wanted:
+        raise ValueError(f"{ckpt} was trained for {epochs} epochs, the demo setup now trains {wanted}: pass "
+                         "--no-skip_existing to retrain it (or --output_dir elsewhere to keep it)")
+
+
 def train_loo_decoders(cfg: LooConfig) -> Dict[str, str]:
     """Train one decoder per held-out subject (sequentially); returns ``{held_out: checkpoint path}``."""
     unknown = [s for s in cfg.held_out if s not in cfg.subjects]
@@ -51,12 +69,15 @@ def train_loo_decoders(cfg: LooConfig) -> Dict[str, str]:
     for held_out in cfg.held_out:
         ckpt = loo_checkpoint(cfg.output_dir, held_out)
         if cfg.skip_existing and ckpt.is_file():
+            check_same_setup(ckpt)
             print(f"[loo] {held_out}: {ckpt} exists, skipped (--no-skip_existing retrains)")
             checkpoints[held_out] = str(ckpt)
             continue
         train_subjects = [s for s in cfg.subjects if s != held_out]
+        # --no-skip_existing asked for a retrain: an earlier run's checkpoints there are replaced
         demo = replace(DemoConfig(), data_root=cfg.data_root, train_subjects=train_subjects, test_subject=held_out,
-                       output_dir=str(root / held_out), device=cfg.device, seed=cfg.seed)
+                       output_dir=str(root / held_out), device=cfg.device, seed=cfg.seed,
+                       overwrite=not cfg.skip_existing)
         Path(demo.output_dir).mkdir(parents=True, exist_ok=True)
         save_config(demo, Path(demo.output_dir))
         seed_everything(cfg.seed)
