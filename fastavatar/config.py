@@ -218,7 +218,13 @@ def config_from_dict(config_cls: Type[T], values: Dict[str, Any], source: str = 
             continue
         value = nested[f.name]
         if _is_config(tp):
-            converted[f.name] = value if isinstance(value, tp) else config_from_dict(tp, value, source)
+            if not isinstance(value, tp):
+                # a partial override starts from this field's own default (e.g. FitConfig(w_steps=30)), not
+                # from the nested class's defaults: otherwise one flag would reset its siblings
+                default = _default_of(f)
+                base = _flatten(config_to_dict(default)) if isinstance(default, tp) else {}
+                value = config_from_dict(tp, {**base, **_flatten(value)}, source)
+            converted[f.name] = value
         elif value is None and optional:
             converted[f.name] = None
         elif tp is Path and value is not None:
