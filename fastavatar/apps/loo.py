@@ -41,15 +41,12 @@ def loo_checkpoint(output_dir: str, held_out: str) -> Path:
 def check_same_setup(ckpt: Path) -> None:
     """An existing leave-one-out decoder is reused only if it was trained for the demo setup's epochs
     (read from its run folder's config.yaml; a folder without one cannot tell and is reused)."""
-    import yaml
+    from fastavatar.config import load_yaml
 
     saved = ckpt.parent.parent / "config.yaml"
     if not saved.is_file():
         return
-    try:
-        epochs = (yaml.safe_load(saved.read_text()) or {}).get("max_epochs")
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{saved}: not a readable config ({str(exc).splitlines()[0]})") from None
+    epochs = load_yaml(saved).get("max_epochs")  # a damaged file: load_yaml's one-line error naming it
     wanted = DemoConfig().decoder_epochs
     if epochs is not None and int(epochs) != wanted:
         raise ValueError(f"{ckpt} was trained for {epochs} epochs, the demo setup now trains {wanted}: pass "

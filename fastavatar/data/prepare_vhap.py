@@ -200,8 +200,8 @@ def select_frames(vhap_dir: Path, cfg: PrepareConfig) -> Tuple[int, List[Frame],
         actual = image_size(image, PrepareError)
         if actual != (w, h):
             raise PrepareError(f"{image}: image is {actual[0]}x{actual[1]} but {tpath.name} says {w}x{h}")
-        if mask is not None and image_size(mask, PrepareError, "mask") != (w, h):
-            ms = image_size(mask, PrepareError, "mask")
+        ms = image_size(mask, PrepareError, "mask") if mask is not None else (w, h)
+        if ms != (w, h):
             raise PrepareError(f"{mask}: mask is {ms[0]}x{ms[1]} but its image is {w}x{h}")
         c2w = np.asarray(r["transform_matrix"], dtype=np.float64)
         if c2w.shape != (4, 4) or not np.isfinite(c2w).all():

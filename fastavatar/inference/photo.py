@@ -49,7 +49,8 @@ from fastavatar.runtime import progress, resolve_device, seed_everything
 
 @dataclass
 class CameraFitConfig:
-    """The camera stage: PnP, then photometric + landmark refinement of pose and focal."""
+    """The camera stage: PnP, then photometric + landmark refinement of the rotation (and, on request, the
+    position and focal)."""
 
     focal: float = option(0.0, "photo focal length in pixels when known (0: estimate it by PnP)")
     camera_steps: int = option(20, "camera refinement steps against the photo, before W (0: keep the PnP camera)")
