@@ -232,6 +232,33 @@ def test_nan_loss_on_one_rank_stops_every_rank(tmp_path):
     assert not (tmp_path / "run" / "checkpoints" / "latest.pth").exists()
 
 
+def _session_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Both ranks stop with the same error inside :func:`distributed_session` (as on a NaN stop)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from fastavatar.train.distributed import distributed_session
+
+    outcome = "went on"
+    try:
+        with distributed_session("cpu", "auto") as env:
+            all_reduce_mean(1.0, env)
+            raise RuntimeError(f"stop on rank {env.rank}")
+    except RuntimeError as exc:
+        outcome = f"{exc}; still in the group: {dist.is_initialized()}"
+    (Path(out_dir) / f"{rank}.txt").write_text(outcome)
+
+
+def test_session_leaves_the_group_when_the_run_raises(tmp_path):
+    """An error inside the session destroys the process group before it propagates, so the process
+    exits outside the group (exit code 0 here: mp.spawn raises for a rank that aborted in teardown)."""
+    mp.spawn(_session_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert (tmp_path / f"{rank}.txt").read_text() == f"stop on rank {rank}; still in the group: False"
+
+
 def _refused_folder_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Two ranks open a run folder that holds another run's checkpoint; records how each rank ended."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",

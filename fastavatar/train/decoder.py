@@ -35,7 +35,7 @@ from fastavatar.io.atomic import atomic_save_image, atomic_write_json
 from fastavatar.io.checkpoints import save_decoder_checkpoint
 from fastavatar.runtime import seed_everything
 from fastavatar.train.common import RunDir
-from fastavatar.train.distributed import DistEnv, close_distributed, init_distributed, make_sampler, set_epoch, wrap_ddp
+from fastavatar.train.distributed import DistEnv, distributed_session, make_sampler, set_epoch, wrap_ddp
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, run_training
 
 
@@ -276,23 +276,22 @@ class DecoderTask(TrainTask):
 
 def train_decoder(cfg: DecoderTrainConfig) -> Path:
     """Train; returns the run folder. Raises :class:`NonFiniteLossError` on NaN (checkpoints kept)."""
-    env = init_distributed(cfg.device, cfg.dist_backend)
-    seed_everything(cfg.seed + env.rank)
-    run = open_run(cfg, env)
-    if env.is_main:
-        save_config(cfg, run.path)
-    task = DecoderTask(cfg, env, run)
-    if env.is_main:
-        atomic_write_json(run.path / "data_summary.json", {"subjects": task.ids, "skipped": task.skipped})
-    run_training(task, cfg, run, env)
-    if env.is_main and task.skipped:
-        print(f"[train] skipped {len(task.skipped)} subject(s): "
-              + "; ".join(f"{s['subject']} ({s['reason']})" for s in task.skipped) + " (see data_summary.json)")
-    if env.is_main and cfg.save_ply_files:
-        save_subject_plys(task.model, task.parsers, run.path / "ply")
-    run.close()
-    close_distributed(env)
-    return run.path
+    with distributed_session(cfg.device, cfg.dist_backend) as env:
+        seed_everything(cfg.seed + env.rank)
+        run = open_run(cfg, env)
+        if env.is_main:
+            save_config(cfg, run.path)
+        task = DecoderTask(cfg, env, run)
+        if env.is_main:
+            atomic_write_json(run.path / "data_summary.json", {"subjects": task.ids, "skipped": task.skipped})
+        run_training(task, cfg, run, env)
+        if env.is_main and task.skipped:
+            print(f"[train] skipped {len(task.skipped)} subject(s): "
+                  + "; ".join(f"{s['subject']} ({s['reason']})" for s in task.skipped) + " (see data_summary.json)")
+        if env.is_main and cfg.save_ply_files:
+            save_subject_plys(task.model, task.parsers, run.path / "ply")
+        run.close()
+        return run.path
 
 
 def _expand_views(items, dataset: MultiViewDataset, views_per_subject: int, parsers, train_views) -> List[dict]:

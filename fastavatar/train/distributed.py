@@ -116,14 +116,37 @@ def init_distributed(device: Union[str, torch.device] = "auto", backend: Backend
     return env
 
 
-def close_distributed(env: DistEnv) -> None:
-    """Leave the process group (after a final barrier)."""
+def close_distributed(env: DistEnv, wait_for_peers: bool = True) -> None:
+    """Leave the process group, after a final barrier when ``wait_for_peers``.
+
+    The group is destroyed even when that barrier fails (a peer already gone): a process that exits
+    still inside a gloo group can abort in the interpreter's teardown ("terminate called without an
+    active exception"), which turns a clean stop into a crashed rank.
+    """
     if env.distributed:
         import torch.distributed as dist
 
         if dist.is_initialized():
-            barrier(env)
-            dist.destroy_process_group()
+            try:
+                if wait_for_peers:
+                    barrier(env)
+            finally:
+                dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device: Union[str, torch.device] = "auto", backend: Backend = "auto",
+                        echo=print) -> Iterator[DistEnv]:
+    """``with distributed_session(cfg.device, cfg.dist_backend) as env:`` -- :func:`init_distributed`,
+    then always :func:`close_distributed` on the way out: after a barrier when the block finished, at
+    once when it raised (a rank that failed alone must not wait at a barrier the others never reach)."""
+    env = init_distributed(device, backend, echo)
+    try:
+        yield env
+    except BaseException:
+        close_distributed(env, wait_for_peers=False)
+        raise
+    close_distributed(env)
 
 
 def barrier(env: DistEnv) -> None:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.io.atomic import atomic_write_json
 from fastavatar.runtime import seed_everything
-from fastavatar.train.distributed import (DistEnv, barrier, close_distributed, init_distributed, make_sampler,
+from fastavatar.train.distributed import (DistEnv, barrier, distributed_session, make_sampler,
                                           set_epoch, wrap_ddp)
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, restore_single_model, run_training
 
@@ -282,35 +282,34 @@ def train_encoder(cfg: EncoderTrainConfig) -> Dict[str, object]:
     from fastavatar.io.checkpoints import load_decoder
 
     seed_everything(cfg.seed)
-    env = init_distributed(cfg.device, cfg.dist_backend)
-    device = env.device
-    if cfg.num_workers > 0 and env.is_main:
-        print(f"[encoder] --num_workers {cfg.num_workers}: not used (the cached embeddings are batched in memory)")
-    # Fail fast (before creating the run folder) on missing inputs.
-    _, w_vectors, w_ids_to_idx = load_decoder(cfg.decoder_load_path, "cpu")
-    if w_vectors is None or not w_ids_to_idx:
-        raise ValueError(f"{cfg.decoder_load_path}: decoder checkpoint has no w_vectors / w_ids_to_idx to regress onto")
-    resolve_insightface_root(cfg.insightface_root)
-    w_vectors = w_vectors.detach().to(device)  # targets only
-    run = open_run(cfg, env)
-    if env.is_main:
-        save_config(cfg, run.path)
-    try:
-        # rank 0 fills the embedding cache first; the other ranks then read it
-        if not env.is_main:
-            barrier(env)
-        data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress and env.is_main)
+    with distributed_session(cfg.device, cfg.dist_backend) as env:
+        device = env.device
+        if cfg.num_workers > 0 and env.is_main:
+            print(f"[encoder] --num_workers {cfg.num_workers}: not used (the cached embeddings are batched in memory)")
+        # Fail fast (before creating the run folder) on missing inputs.
+        _, w_vectors, w_ids_to_idx = load_decoder(cfg.decoder_load_path, "cpu")
+        if w_vectors is None or not w_ids_to_idx:
+            raise ValueError(f"{cfg.decoder_load_path}: decoder checkpoint has no w_vectors / w_ids_to_idx to regress onto")
+        resolve_insightface_root(cfg.insightface_root)
+        w_vectors = w_vectors.detach().to(device)  # targets only
+        run = open_run(cfg, env)
         if env.is_main:
-            barrier(env)
-        task = EncoderTask(cfg, data, w_vectors, env)
-        run_training(task, cfg, run, env)
-        metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
-                   "num_train": int(data.train_embeddings.shape[0]), "num_val": int(data.val_embeddings.shape[0]),
-                   "subjects": data.subjects, "excluded_subjects": data.excluded_subjects,
-                   "failed_images": [p for p, _ in data.failed_images]}
-        if env.is_main:
-            atomic_write_json(run.path / "metrics.json", metrics)
-        close_distributed(env)
-        return metrics
-    finally:
-        run.close()
+            save_config(cfg, run.path)
+        try:
+            # rank 0 fills the embedding cache first; the other ranks then read it
+            if not env.is_main:
+                barrier(env)
+            data = collect_embeddings(cfg, w_ids_to_idx, str(device), cfg.progress and env.is_main)
+            if env.is_main:
+                barrier(env)
+            task = EncoderTask(cfg, data, w_vectors, env)
+            run_training(task, cfg, run, env)
+            metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
+                       "num_train": int(data.train_embeddings.shape[0]), "num_val": int(data.val_embeddings.shape[0]),
+                       "subjects": data.subjects, "excluded_subjects": data.excluded_subjects,
+                       "failed_images": [p for p, _ in data.failed_images]}
+            if env.is_main:
+                atomic_write_json(run.path / "metrics.json", metrics)
+            return metrics
+        finally:
+            run.close()

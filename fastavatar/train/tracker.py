@@ -40,7 +40,7 @@ from fastavatar.config import config_to_dict, option, save_config
 from fastavatar.data.subject_ids import normalize_subject_id
 from fastavatar.io.atomic import atomic_write_json, atomic_write_text
 from fastavatar.runtime import seed_everything
-from fastavatar.train.distributed import DistEnv, close_distributed, init_distributed, make_sampler, set_epoch, wrap_ddp
+from fastavatar.train.distributed import DistEnv, distributed_session, make_sampler, set_epoch, wrap_ddp
 from fastavatar.train.loop import TrainLoopConfig, TrainTask, open_run, restore_single_model, run_training
 
 
@@ -280,47 +280,46 @@ def train_tracker(cfg: TrackerTrainConfig) -> Dict[str, object]:
         raise ValueError(f"--points_loss must be l1 or l2, got {cfg.points_loss!r}")
     seed_everything(cfg.seed)
     tracker = build_tracker(cfg)  # fails fast on missing backbone weights, before any output
-    env = init_distributed(cfg.device, cfg.dist_backend)
-    device = env.device
-    run = open_run(cfg, env)
-    if env.is_main:
-        save_config(cfg, run.path)
-    try:
-        skipped: list = []
-        dirs = discover_subjects(cfg.data_root, verbose=env.is_main, skipped=skipped)[: max(0, cfg.max_subjects)]
-        parsers = parse_subjects(dirs, cfg.on_bad_subject, verbose=env.is_main, skipped=skipped,
-                                 image_scale=cfg.image_scale, allow_resize=cfg.allow_resize)
+    with distributed_session(cfg.device, cfg.dist_backend) as env:
+        device = env.device
+        run = open_run(cfg, env)
         if env.is_main:
-            atomic_write_json(run.path / "data_summary.json",
-                              {"subjects": [p.subject_id for p in parsers], "skipped": skipped})
-        ids = [normalize_subject_id(p.subject_id) for p in parsers]
-        wanted = [normalize_subject_id(s) for s in cfg.val_subjects]
-        unknown = [s for s in wanted if s not in ids]
-        if unknown:
-            raise ValueError(f"{cfg.data_root}: --val_subjects {unknown} not found (have {ids})")
-        if not wanted and len(parsers) >= 2:
-            wanted = [ids[-1]]
-        train_p = [p for p, i in zip(parsers, ids) if i not in wanted]
-        val_p = [p for p, i in zip(parsers, ids) if i in wanted]
-        if not train_p:
-            raise ValueError(f"{cfg.data_root}: every subject is held out for validation; nothing to train on")
-        n_points = {tuple(p.points.shape) for p in parsers}
-        if n_points != {(tracker.config.max_points, 3)}:
-            raise ValueError(f"{cfg.data_root}: subjects have points {sorted(n_points)}, the tracker predicts "
-                             f"{tracker.config.max_points} points")
-        if env.is_main:
-            print(f"[tracker] train subjects {[p.subject_id for p in train_p]}, val subjects {[p.subject_id for p in val_p]}")
+            save_config(cfg, run.path)
+        try:
+            skipped: list = []
+            dirs = discover_subjects(cfg.data_root, verbose=env.is_main, skipped=skipped)[: max(0, cfg.max_subjects)]
+            parsers = parse_subjects(dirs, cfg.on_bad_subject, verbose=env.is_main, skipped=skipped,
+                                     image_scale=cfg.image_scale, allow_resize=cfg.allow_resize)
+            if env.is_main:
+                atomic_write_json(run.path / "data_summary.json",
+                                  {"subjects": [p.subject_id for p in parsers], "skipped": skipped})
+            ids = [normalize_subject_id(p.subject_id) for p in parsers]
+            wanted = [normalize_subject_id(s) for s in cfg.val_subjects]
+            unknown = [s for s in wanted if s not in ids]
+            if unknown:
+                raise ValueError(f"{cfg.data_root}: --val_subjects {unknown} not found (have {ids})")
+            if not wanted and len(parsers) >= 2:
+                wanted = [ids[-1]]
+            train_p = [p for p, i in zip(parsers, ids) if i not in wanted]
+            val_p = [p for p, i in zip(parsers, ids) if i in wanted]
+            if not train_p:
+                raise ValueError(f"{cfg.data_root}: every subject is held out for validation; nothing to train on")
+            n_points = {tuple(p.points.shape) for p in parsers}
+            if n_points != {(tracker.config.max_points, 3)}:
+                raise ValueError(f"{cfg.data_root}: subjects have points {sorted(n_points)}, the tracker predicts "
+                                 f"{tracker.config.max_points} points")
+            if env.is_main:
+                print(f"[tracker] train subjects {[p.subject_id for p in train_p]}, val subjects {[p.subject_id for p in val_p]}")
 
-        tracker.set_mean_shape(torch.stack([p.points for p in train_p]).mean(dim=0))
-        task = TrackerTask(cfg, tracker.to(device).train(), train_p, val_p, env, run.path)
-        run_training(task, cfg, run, env)
-        metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
-                   "train_subjects": task.train_subjects, "val_subjects": task.val_subjects}
-        if not math.isfinite(metrics["val"].get("loss_total", 0.0)):
-            raise RuntimeError("validation loss is not finite")
-        if env.is_main:
-            atomic_write_json(run.path / "metrics.json", metrics)
-        close_distributed(env)
-        return metrics
-    finally:
-        run.close()
+            tracker.set_mean_shape(torch.stack([p.points for p in train_p]).mean(dim=0))
+            task = TrackerTask(cfg, tracker.to(device).train(), train_p, val_p, env, run.path)
+            run_training(task, cfg, run, env)
+            metrics = {"epoch": task.epoch, "global_step": task.global_step, "val": task.last_val,
+                       "train_subjects": task.train_subjects, "val_subjects": task.val_subjects}
+            if not math.isfinite(metrics["val"].get("loss_total", 0.0)):
+                raise RuntimeError("validation loss is not finite")
+            if env.is_main:
+                atomic_write_json(run.path / "metrics.json", metrics)
+            return metrics
+        finally:
+            run.close()
